@@ -6,6 +6,7 @@ training's MLflow run.
 import csv
 import io
 import json
+import logging
 from pathlib import Path
 
 import hydra
@@ -18,6 +19,8 @@ from pipeline.config import output_dir, validate
 from pipeline.errors import exit_on_pipeline_error
 from pipeline.files import atomic_path, write_text
 from pipeline.normalise import load_split
+
+log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "confusion.csv"  # one row per test image: DVC's confusion plot counts them
@@ -86,6 +89,7 @@ def evaluate_and_log(cfg, W, b, out_dir):
     report = evaluate(xp, to_device(xp, W), to_device(xp, b), test_x, test_y, len(class_names))
     write_reports(report, class_names, out_dir)
     log_report(report, class_names, out_dir)
+    log.info("test accuracy %.4f, loss %.4f -> %s", report["accuracy"], report["loss"], out_dir)
     return report
 
 

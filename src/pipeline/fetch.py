@@ -121,7 +121,7 @@ def _http_source(source, data):
                 gz = pooch.retrieve(url, known_hash=None, fname=f"{spec.name}.gz", path=tmp,
                                     downloader=downloader)
             except (requests.RequestException, ValueError) as err:
-                raise PipelineError(f"{url}: {type(err).__name__}: {err}") from err
+                raise PipelineError(f"{url}: {type(err).__name__}: {str(err)[:300]}") from err
             with gzip.open(gz, "rb") as f:
                 yield f, url
 
