@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import hydra
 
@@ -156,7 +156,9 @@ def _npm_source(source, data):
 
 def _refuse_unsafe_member(member, tarball, target_dir):
     """Refuse absolute paths, '..' escapes, links and device files."""
-    try:
+    if member.name.startswith("/") or ".." in PurePosixPath(member.name).parts:
+        raise PipelineError(f"{tarball.name}: refusing member {member.name!r}: it points outside {target_dir}")
+    try:  # Python's own checks for what would land outside target_dir
         tarfile.data_filter(member, str(target_dir))
     except tarfile.FilterError as err:
         raise PipelineError(f"{tarball.name}: refusing unsafe member {member.name!r}: {err}") from err

@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import math
+import time
 from pathlib import Path
 
 import hydra
@@ -43,6 +44,7 @@ def fit(xp, hp, rng, W, b, train_xy, val_xy, num_classes, on_epoch=lambda epoch,
     n, batch, lr = X.shape[0], hp.batch_size, float(hp.lr)
     history = []
     for epoch in range(1, hp.epochs + 1):
+        started = time.perf_counter()
         order = to_device(xp, rng.permutation(n))
         X_epoch, Y_epoch = xp.take(X, order, axis=0), xp.take(Y, order, axis=0)
         for start in range(0, n, batch):
@@ -56,9 +58,10 @@ def fit(xp, hp, rng, W, b, train_xy, val_xy, num_classes, on_epoch=lambda epoch,
                 f"training diverged: train/loss is {row['train/loss']} after epoch {epoch} "
                 f"with train.lr={hp.lr}; lower train.lr"
             )
-        log.info("epoch %d  train loss %.4f acc %.4f  val loss %.4f acc %.4f", epoch,
-                 row["train/loss"], row["train/accuracy"], row["val/loss"], row["val/accuracy"])
-        on_epoch(epoch, row)
+        seconds = time.perf_counter() - started
+        log.info("epoch %d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  (%.2f s)", epoch,
+                 row["train/loss"], row["train/accuracy"], row["val/loss"], row["val/accuracy"], seconds)
+        on_epoch(epoch, dict(row, **{"time/epoch_seconds": seconds}))
         history.append(row)
     return history
 
