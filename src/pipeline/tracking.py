@@ -60,14 +60,15 @@ def reopened_run(cfg, model_dir):
     not have it (outputs restored by DVC on another machine), start a new run
     tagged with the old id rather than fail."""
     mlflow.set_tracking_uri(tracking_uri())
-    run_id = json.loads((Path(model_dir) / RUN_FILE).read_text())["run_id"]
+    run_file = Path(model_dir) / RUN_FILE
+    run_id = json.loads(run_file.read_text())["run_id"] if run_file.is_file() else None
     try:
-        mlflow.MlflowClient().get_run(run_id)
+        mlflow.MlflowClient().get_run(run_id or "none")
     except MlflowException:
-        log.warning("run %s is not in %s; logging to a new run", run_id, tracking_uri())
+        log.warning("run %s (from %s) is not in %s; logging to a new run", run_id, run_file, tracking_uri())
         with mlflow.start_run(experiment_id=experiment_id(cfg.mlflow.experiment)) as run:
             _describe_run(cfg)
-            mlflow.set_tag("restored_from_run_id", run_id)
+            mlflow.set_tag("restored_from_run_id", str(run_id))
             yield run
         return
     with mlflow.start_run(run_id=run_id) as run:
