@@ -2,12 +2,18 @@
 format, and the real MNIST fetched once per test session."""
 
 import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 
-from pipeline.config import CONF_DIR, validate
+from pipeline.config import CONF_DIR, PROJECT_ROOT, validate
 from pipeline.idx import encode_idx
 
 FIXTURE_TRAIN, FIXTURE_TEST, FIXTURE_VAL = 600, 200, 100
@@ -49,8 +55,9 @@ def idx_fixture(tmp_path_factory):
 
 
 @pytest.fixture
-def fixture_cfg(idx_fixture, tmp_path, monkeypatch):
-    """Config for the fixture dataset: local source only, outputs and MLflow store in tmp_path."""
+def fixture_overrides(idx_fixture, tmp_path, monkeypatch):
+    """Command-line overrides for the fixture dataset: local source only, outputs
+    and the MLflow store (through MLFLOW_TRACKING_URI) in tmp_path."""
     root, specs = idx_fixture
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     overrides = [f"data.val_size={FIXTURE_VAL}", "train.epochs=3", "train.batch_size=32",
@@ -60,7 +67,12 @@ def fixture_cfg(idx_fixture, tmp_path, monkeypatch):
                  f"data.sources=[{{kind: local, path: '{root}'}}]"]
     for key, spec in specs.items():
         overrides += [f"data.files.{key}.{field}={value}" for field, value in spec.items()]
-    return make_cfg(*overrides)
+    return overrides
+
+
+@pytest.fixture
+def fixture_cfg(fixture_overrides):
+    return make_cfg(*fixture_overrides)
 
 
 @pytest.fixture(scope="session")
@@ -71,3 +83,45 @@ def real_mnist(tmp_path_factory):
     raw = tmp_path_factory.mktemp("mnist_raw")
     fetch(make_cfg().data, raw)
     return raw
+
+
+def run_ok(args, cwd, env, timeout=600):
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{args} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout + done.stderr
+
+
+def stages_run(dvc_output):
+    """Names of the stages `dvc repro` ran, in order."""
+    return re.findall(r"Running stage '(\w+)'", dvc_output)
+
+
+def set_yaml_value(path, key, value):
+    text = path.read_text()
+    new = re.sub(rf"^{key}: .*$", f"{key}: {value}", text, flags=re.M)
+    assert new != text
+    path.write_text(new)
+
+
+@pytest.fixture
+def repo_copy(tmp_path, real_mnist):
+    """A fresh clone-like copy: tracked and untracked-but-not-ignored files only."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            cwd=PROJECT_ROOT, capture_output=True, text=True, check=True).stdout
+    repo = tmp_path / "repo"
+    for rel in filter(None, listed.split("\0")):
+        if (PROJECT_ROOT / rel).is_file():
+            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(PROJECT_ROOT / rel, repo / rel)
+    env = dict(os.environ,
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               PYTHONPATH=str(repo / "src"),  # the copy's code and conf/, not the checkout's
+               MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
+               MNIST_LOCAL_DIR=str(real_mnist),  # the session's fetch; the npm source stays configured
+               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.invalid",
+               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@example.invalid")
+    set_yaml_value(repo / "conf/train/sgd.yaml", "epochs", 2)
+    run_ok(["git", "init", "-q"], repo, env)
+    run_ok(["git", "add", "-A"], repo, env)
+    run_ok(["git", "commit", "-qm", "copy"], repo, env)
+    return repo, env

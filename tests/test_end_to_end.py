@@ -5,66 +5,20 @@ Then the MLflow run is read back, and DVC's incremental behaviour is checked.
 """
 
 import json
-import os
-import re
-import shutil
-import subprocess
 import sys
-from pathlib import Path
 
 import mlflow
 import pytest
 
-from pipeline.config import PROJECT_ROOT
+from conftest import run_ok, set_yaml_value, stages_run
 
 STAGES = ["fetch", "normalise", "train", "evaluate", "export_filters"]
 
 
-def _sh(args, cwd, env, timeout=600):
-    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, f"{args} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    return done.stdout + done.stderr
-
-
-def _ran(output):
-    return re.findall(r"Running stage '(\w+)'", output)
-
-
-def _set_yaml_value(path, key, value):
-    text = path.read_text()
-    new = re.sub(rf"^{key}: .*$", f"{key}: {value}", text, flags=re.M)
-    assert new != text
-    path.write_text(new)
-
-
-@pytest.fixture
-def repo_copy(tmp_path, real_mnist):
-    """A fresh clone-like copy: tracked and untracked-but-not-ignored files only."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                            cwd=PROJECT_ROOT, capture_output=True, text=True, check=True).stdout
-    repo = tmp_path / "repo"
-    for rel in filter(None, listed.split("\0")):
-        if (PROJECT_ROOT / rel).is_file():
-            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(PROJECT_ROOT / rel, repo / rel)
-    env = dict(os.environ,
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-               PYTHONPATH=str(repo / "src"),  # the copy's code and conf/, not the checkout's
-               MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
-               MNIST_LOCAL_DIR=str(real_mnist),  # the session's fetch; the npm source stays configured
-               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.invalid",
-               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@example.invalid")
-    _set_yaml_value(repo / "conf/train/sgd.yaml", "epochs", 2)
-    _sh(["git", "init", "-q"], repo, env)
-    _sh(["git", "add", "-A"], repo, env)
-    _sh(["git", "commit", "-qm", "copy"], repo, env)
-    return repo, env
-
-
 def test_dvc_repro_end_to_end_on_real_mnist(repo_copy):
     repo, env = repo_copy
-    out = _sh(["dvc", "repro"], repo, env)
-    assert _ran(out) == STAGES
+    out = run_ok(["dvc", "repro"], repo, env)
+    assert stages_run(out) == STAGES
 
     metrics = json.loads((repo / "reports/metrics.json").read_text())["test"]
     assert 0.88 <= metrics["accuracy"] <= 0.95  # 2 epochs of softmax regression on the real test set
@@ -84,25 +38,25 @@ def test_dvc_repro_end_to_end_on_real_mnist(repo_copy):
         assert [m.step for m in client.get_metric_history(run.info.run_id, name)] == [1, 2]
     assert run.data.metrics["test/accuracy"] == pytest.approx(metrics["accuracy"], abs=1e-6)
     assert run.data.metrics["test/loss"] == pytest.approx(metrics["loss"], abs=1e-5)
-    head = _sh(["git", "rev-parse", "HEAD"], repo, env).strip()
+    head = run_ok(["git", "rev-parse", "HEAD"], repo, env).strip()
     assert run.data.tags["mlflow.source.git.commit"] == head
     assert run.data.tags["data.train-images-idx3-ubyte.sha256"].startswith("ba891046")
     artifacts = {a.path for top in ("filters", "evaluation") for a in client.list_artifacts(run.info.run_id, top)}
     assert {"filters/filters.png", "filters/filter_0.png", "evaluation/confusion_matrix.png"} <= artifacts
 
     # Nothing changed: nothing reruns.
-    assert "Data and pipelines are up to date" in _sh(["dvc", "repro"], repo, env)
+    assert "Data and pipelines are up to date" in run_ok(["dvc", "repro"], repo, env)
 
     # A new learning rate reruns train and what follows it, not fetch or normalise.
-    _set_yaml_value(repo / "conf/train/sgd.yaml", "lr", 0.1)
-    assert "0.2" in _sh(["dvc", "params", "diff"], repo, env)
-    assert _ran(_sh(["dvc", "repro"], repo, env)) == ["train", "evaluate", "export_filters"]
-    assert "Data and pipelines are up to date" in _sh(["dvc", "status"], repo, env)
+    set_yaml_value(repo / "conf/train/sgd.yaml", "lr", 0.1)
+    assert "0.2" in run_ok(["dvc", "params", "diff"], repo, env)
+    assert stages_run(run_ok(["dvc", "repro"], repo, env)) == ["train", "evaluate", "export_filters"]
+    assert "Data and pipelines are up to date" in run_ok(["dvc", "status"], repo, env)
     assert len(client.search_runs([experiment.experiment_id])) == 2
 
     # An ad hoc run logs a complete run of its own and leaves DVC's outputs alone.
-    _sh([sys.executable, "-m", "pipeline.train", "train.epochs=1"], repo, env)
-    assert "Data and pipelines are up to date" in _sh(["dvc", "status"], repo, env)
+    run_ok([sys.executable, "-m", "pipeline.train", "train.epochs=1"], repo, env)
+    assert "Data and pipelines are up to date" in run_ok(["dvc", "status"], repo, env)
     runs = client.search_runs([experiment.experiment_id], order_by=["start_time DESC"])
     assert len(runs) == 3
     adhoc = runs[0]

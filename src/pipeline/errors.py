@@ -10,7 +10,8 @@ class PipelineError(Exception):
 
 
 def exit_on_pipeline_error(stage_main):
-    """Print a PipelineError as one readable message and exit with status 2.
+    """Print a PipelineError as one readable message and exit with status 2;
+    exit 130 on Ctrl-C or SIGTERM (which tracking turns into KeyboardInterrupt).
 
     SystemExit passes through Hydra's own error reporting untouched, so the
     user sees our message and not a stack trace.
@@ -23,5 +24,8 @@ def exit_on_pipeline_error(stage_main):
         except PipelineError as err:
             print(f"error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
+        except KeyboardInterrupt:
+            print("interrupted: outputs were left as they were (no partial files)", file=sys.stderr)
+            raise SystemExit(130) from None
 
     return wrapper

@@ -11,6 +11,7 @@ and uses only array-API calls, so NumPy, CuPy and array-api-strict all run it.
 """
 
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -80,5 +81,10 @@ def load(path):
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{path} is missing: run the train stage first (dvc repro)")
-    with np.load(path, allow_pickle=False) as npz:
-        return npz["W"], npz["b"], json.loads(str(npz["config"]))
+    try:  # allow_pickle=False: a model file must never run code when loaded
+        with np.load(path, allow_pickle=False) as npz:
+            return npz["W"], npz["b"], json.loads(str(npz["config"]))
+    except (ValueError, KeyError, OSError, zipfile.BadZipFile) as err:
+        raise PipelineError(
+            f"{path}: not a model written by the train stage ({err}); run train again (dvc repro)"
+        ) from err

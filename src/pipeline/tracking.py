@@ -5,10 +5,13 @@ and export_filters reopen that run, so one `dvc repro` gives one complete run.
 """
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
+import signal
 import subprocess
+import threading
 from pathlib import Path
 
 import mlflow
@@ -16,6 +19,7 @@ from mlflow.exceptions import MlflowException
 from omegaconf import OmegaConf
 
 from pipeline.config import PROJECT_ROOT, flatten
+from pipeline.errors import PipelineError
 from pipeline.files import write_text
 
 log = logging.getLogger(__name__)
@@ -23,10 +27,43 @@ log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
 
 
+# A tracking server that is down must fail a run within seconds, not after
+# MLflow's default retries (minutes). Set these yourself to override.
+for _name, _value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"),
+                      ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
+                      ("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")):
+    os.environ.setdefault(_name, _value)
+
+
 def tracking_uri():
     """MLFLOW_TRACKING_URI if set, else SQLite at the project root (absolute, so
     the store does not depend on the current directory)."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
+
+
+def open_store():
+    """Point MLflow at the store and check that it answers.
+
+    For SQLite, the first touch creates or migrates the schema, which crashes
+    when several processes do it at once; a file lock lets one go first.
+    """
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    lock_path = None
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        db.parent.mkdir(parents=True, exist_ok=True)
+        lock_path = f"{db}.lock"
+    with open(lock_path or os.devnull, "w") as lock:
+        if lock_path:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            mlflow.MlflowClient().search_experiments(max_results=1)
+        except Exception as err:  # MlflowException, SQLAlchemy or connection errors
+            raise PipelineError(
+                f"MLflow tracking store {uri} does not answer: {str(err)[:300]}. Start the tracking "
+                "server, or unset MLFLOW_TRACKING_URI to use the local SQLite store."
+            ) from err
 
 
 def experiment_id(name):
@@ -44,10 +81,10 @@ def experiment_id(name):
 
 @contextlib.contextmanager
 def training_run(cfg, out_dir):
-    """Start the run of one training: params, tags, and run.json in out_dir.
-    An exception inside ends the run FAILED; Ctrl-C ends it KILLED."""
-    mlflow.set_tracking_uri(tracking_uri())
-    with mlflow.start_run(experiment_id=experiment_id(cfg.mlflow.experiment)) as run:
+    """Start the run of one training: params, tags, and run.json in out_dir."""
+    open_store()
+    run = mlflow.start_run(experiment_id=experiment_id(cfg.mlflow.experiment))
+    with _ended_with_status():
         _describe_run(cfg)
         write_text(Path(out_dir) / RUN_FILE, json.dumps({"run_id": run.info.run_id}) + "\n")
         log.info("MLflow run %s in %s", run.info.run_id, tracking_uri())
@@ -59,20 +96,50 @@ def reopened_run(cfg, model_dir):
     """Reopen the run that trained the model in model_dir. If the store does
     not have it (outputs restored by DVC on another machine), start a new run
     tagged with the old id rather than fail."""
-    mlflow.set_tracking_uri(tracking_uri())
+    open_store()
     run_file = Path(model_dir) / RUN_FILE
     run_id = json.loads(run_file.read_text())["run_id"] if run_file.is_file() else None
     try:
         mlflow.MlflowClient().get_run(run_id or "none")
+        run = mlflow.start_run(run_id=run_id)
+        restored = False
     except MlflowException:
         log.warning("run %s (from %s) is not in %s; logging to a new run", run_id, run_file, tracking_uri())
-        with mlflow.start_run(experiment_id=experiment_id(cfg.mlflow.experiment)) as run:
+        run = mlflow.start_run(experiment_id=experiment_id(cfg.mlflow.experiment))
+        restored = True
+    with _ended_with_status():
+        if restored:
             _describe_run(cfg)
             mlflow.set_tag("restored_from_run_id", str(run_id))
-            yield run
-        return
-    with mlflow.start_run(run_id=run_id) as run:
         yield run
+
+
+@contextlib.contextmanager
+def _ended_with_status():
+    """End the active run FINISHED, FAILED (with the reason as a tag), or KILLED
+    on Ctrl-C or SIGTERM, which otherwise would leave it RUNNING forever."""
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    except KeyboardInterrupt:
+        mlflow.set_tag("failure_reason", "interrupted by SIGINT or SIGTERM")
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException as err:
+        mlflow.set_tag("failure_reason", f"{type(err).__name__}: {err}"[:4000])
+        mlflow.end_run("FAILED")
+        raise
+    else:
+        mlflow.end_run("FINISHED")
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _describe_run(cfg):
