@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from pipeline import model
+from pipeline.optim import SGD
 
 
 @pytest.fixture
@@ -20,9 +21,18 @@ def _loss(W, b, X, onehot):
     return float(model.cross_entropy(np, model.logits(np, W, b, X), onehot))
 
 
+def _grads(W, b, X, onehot):
+    ((grad_W, grad_b),), _ = model.gradients(np, [(W, b)], X, onehot)
+    return grad_W, grad_b
+
+
+def _sgd_step(W, b, X, onehot, lr):
+    SGD(np, [(W, b)]).step([(W, b)], [_grads(W, b, X, onehot)], lr)
+
+
 def test_gradient_matches_finite_differences(batch):
     W, b, X, onehot, _ = batch
-    grad_W, grad_b = model.gradients(np, W, b, X, onehot)
+    grad_W, grad_b = _grads(W, b, X, onehot)
     rng, eps = np.random.default_rng(0), 1e-6
     for i, j in zip(rng.integers(0, 10, 25), rng.integers(0, 784, 25)):
         Wp, Wm = W.copy(), W.copy()
@@ -41,7 +51,7 @@ def test_gradient_matches_finite_differences(batch):
 def test_gradient_is_the_lectures_closed_form(batch):
     """dL/dW_i = (p_i - [i == y]) x, averaged over the samples, written out per sample."""
     W, b, X, onehot, y = batch
-    grad_W, grad_b = model.gradients(np, W, b, X, onehot)
+    grad_W, grad_b = _grads(W, b, X, onehot)
     expected_W, expected_b = np.zeros_like(W), np.zeros_like(b)
     for x, label in zip(X, y):
         logit = W @ x + b
@@ -69,7 +79,7 @@ def test_one_sgd_step_lowers_the_loss(batch):
     W, b, X, onehot, _ = batch
     W, b, X, onehot = (a.astype(np.float32) for a in (W, b, X, onehot))
     before = _loss(W, b, X, onehot)
-    model.sgd_step(np, W, b, X, onehot, lr=0.1)
+    _sgd_step(W, b, X, onehot, lr=0.1)
     after = _loss(W, b, X, onehot)
     assert after < before - 1e-3
     assert W.dtype == np.float32 and b.dtype == np.float32  # float32 end to end
@@ -81,16 +91,16 @@ def test_per_sample_sgd_is_the_lecture_update(batch):
     x, t = X[:1], onehot[:1]
     p = model.softmax(np, model.logits(np, W, b, x))[0]
     expected = W - 0.5 * np.outer(p - t[0], x[0])
-    model.sgd_step(np, W, b, x, t, lr=0.5)
+    _sgd_step(W, b, x, t, lr=0.5)
     np.testing.assert_allclose(W, expected, rtol=1e-12)
 
 
 def test_saved_model_round_trips_without_pickle(tmp_path):
     W = np.arange(20, dtype=np.float32).reshape(2, 10)
     b = np.array([1.5, -2.0], dtype=np.float32)
-    model.save(tmp_path / "m.npz", W, b, '{"train": {"lr": 0.5}}')
-    W2, b2, config = model.load(tmp_path / "m.npz")
+    model.save(tmp_path / "m.npz", [(W, b)], '{"train": {"lr": 0.5}}')
+    ((W2, b2),), config = model.load(tmp_path / "m.npz")
     assert np.array_equal(W2, W) and np.array_equal(b2, b) and config == {"train": {"lr": 0.5}}
     first = (tmp_path / "m.npz").read_bytes()
-    model.save(tmp_path / "m.npz", W, b, '{"train": {"lr": 0.5}}')
+    model.save(tmp_path / "m.npz", [(W, b)], '{"train": {"lr": 0.5}}')
     assert (tmp_path / "m.npz").read_bytes() == first  # no timestamps inside

@@ -89,7 +89,7 @@ def test_train_learns_logs_and_is_deterministic(fixture_cfg, tmp_path):
     _prepare(fixture_cfg)
     fixture_cfg.evaluate_after_train = False
     train.train(fixture_cfg, tmp_path / "models")
-    W, b, config = model.load(tmp_path / "models" / model.FILE)
+    ((W, b),), config = model.load(tmp_path / "models" / model.FILE)
     assert W.shape == (10, 784) and b.shape == (10,) and W.dtype == np.float32
     assert config["train"] == OmegaConf.to_container(fixture_cfg.train)
     with open(tmp_path / "models" / "history.csv") as f:

@@ -1,32 +1,76 @@
-"""The array backend: picks the array namespace `xp` once, from config.
+"""The array backend: picks the array namespace `xp` and its device once, from config.
 
-The numerical core (pipeline.softmax) only calls functions of the Python array
-API standard on `xp`, so NumPy, CuPy or array-api-strict can run it unchanged.
-Randomness and file I/O stay on the host, in NumPy.
+The numerical core (pipeline.model, pipeline.optim) only calls array-API
+functions on `xp`, so NumPy, CuPy and array-api-strict (the tests' stand-in
+accelerator) run it unchanged. Randomness and file I/O stay on the host in
+NumPy; data is copied to the device once, before training.
 """
+
+import logging
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from pipeline.errors import PipelineError
 
+log = logging.getLogger(__name__)
 
-def get_namespace(name):
+CHOICES = ("numpy", "cupy", "auto")
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str  # what actually runs: numpy, cupy or array_api_strict
+    xp: Any
+    device: Any = None  # None: the namespace's default device
+
+    def to_device(self, host_array):
+        """Copy a NumPy array to the device (no copy for NumPy)."""
+        if self.device is None:
+            return self.xp.asarray(host_array)
+        return self.xp.asarray(host_array, device=self.device)
+
+    def to_host(self, array):
+        """The array as NumPy, for saving, plotting and logging."""
+        if self.name == "numpy":
+            return array
+        if self.name == "cupy":
+            return array.get()
+        return np.asarray(array.to_device(self.xp.Device("CPU_DEVICE")))
+
+
+def select(name):
+    """The Backend for config backend.name (numpy | cupy | auto)."""
     if name == "numpy":
-        return np
-    if name == "array_api_strict":  # a stand-in accelerator for tests
-        import array_api_strict
-
-        return array_api_strict
-    raise PipelineError(f"config backend.name={name!r}: expected 'numpy'")
-
-
-def to_device(xp, host_array):
-    """Copy a NumPy array into the backend's memory (no copy for NumPy)."""
-    return xp.asarray(host_array)
+        return Backend("numpy", np)
+    if name == "cupy":
+        return _cupy(required=True)
+    if name == "auto":
+        chosen = _cupy(required=False) or Backend("numpy", np)
+        log.info("backend auto -> %s", chosen.name)
+        return chosen
+    raise PipelineError(f"config backend.name={name!r}: expected one of {CHOICES}")
 
 
-def to_host(xp, array):
-    """The array as NumPy, for saving, plotting and logging."""
-    if xp is np:
-        return array
-    return np.from_dlpack(array) if hasattr(array, "__dlpack__") else np.asarray(array)
+def _cupy(required):
+    """CuPy on the current GPU; if there is none: an error when required, else None."""
+    try:
+        import cupy  # the only import of cupy in the project
+    except ImportError as err:
+        if not required:
+            return None
+        raise PipelineError(
+            f"backend=cupy: CuPy is not installed ({err}). On a machine with an NVIDIA GPU "
+            "run `pip install -e '.[gpu]'`, or use backend=numpy or backend=auto."
+        ) from err
+    # `import cupy` succeeds without a GPU; is_available() says whether CUDA sees one.
+    if not cupy.cuda.is_available():
+        if not required:
+            return None
+        raise PipelineError(
+            "backend=cupy: CuPy is installed but no CUDA GPU is visible (cupy.cuda.is_available() "
+            "is False). Check the NVIDIA driver and CUDA_VISIBLE_DEVICES, or use backend=numpy "
+            "or backend=auto."
+        )
+    return Backend("cupy", cupy)

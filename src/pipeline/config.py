@@ -20,8 +20,9 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = PROJECT_ROOT / "conf"
 
 SOURCE_KINDS = ("local", "http", "npm")
-MODELS = ("softmax",)
-BACKENDS = ("numpy",)
+MODELS = ("softmax", "mlp")
+BACKENDS = ("numpy", "cupy", "auto")
+SCHEDULES = ("constant", "step", "cosine")
 SPLITS = ("train_images", "train_labels", "test_images", "test_labels")
 
 
@@ -54,6 +55,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = MISSING
+    hidden: List[int] = field(default_factory=list)  # hidden layer sizes; [] for softmax
 
 
 @dataclass
@@ -61,6 +63,12 @@ class TrainConfig:
     lr: float = MISSING
     epochs: int = MISSING
     batch_size: int = MISSING
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    step_epochs: int = 10  # schedule=step: multiply lr by gamma every step_epochs epochs
+    gamma: float = 0.1
 
 
 @dataclass
@@ -118,8 +126,25 @@ def validate(cfg: DictConfig) -> None:
         _fail("train.epochs", t.epochs, "an integer >= 1")
     if t.batch_size < 1:
         _fail("train.batch_size", t.batch_size, "an integer >= 1 (1 is per-sample SGD)")
-    if cfg.model.name not in MODELS:
-        _fail("model.name", cfg.model.name, f"one of {MODELS}")
+    if not 0 <= t.momentum < 1:
+        _fail("train.momentum", t.momentum, "0 <= momentum < 1")
+    if t.nesterov and not t.momentum:
+        _fail("train.nesterov", t.nesterov, "false unless train.momentum > 0")
+    if t.weight_decay < 0:
+        _fail("train.weight_decay", t.weight_decay, "a value >= 0")
+    if t.schedule not in SCHEDULES:
+        _fail("train.schedule", t.schedule, f"one of {SCHEDULES}")
+    if t.step_epochs < 1:
+        _fail("train.step_epochs", t.step_epochs, "an integer >= 1")
+    if not 0 < t.gamma <= 1:
+        _fail("train.gamma", t.gamma, "0 < gamma <= 1")
+    m = cfg.model
+    if m.name not in MODELS:
+        _fail("model.name", m.name, f"one of {MODELS}")
+    if m.name == "softmax" and len(m.hidden):
+        _fail("model.hidden", list(m.hidden), "[] for softmax regression (use model=mlp)")
+    if m.name == "mlp" and (not len(m.hidden) or min(m.hidden) < 1):
+        _fail("model.hidden", list(m.hidden), "one or more layer sizes >= 1, e.g. [256]")
     if cfg.backend.name not in BACKENDS:
         _fail("backend.name", cfg.backend.name, f"one of {BACKENDS}")
     d = cfg.data

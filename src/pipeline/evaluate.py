@@ -13,8 +13,7 @@ import hydra
 import mlflow
 import numpy as np
 
-from pipeline import model, tracking
-from pipeline.backend import get_namespace, to_device, to_host
+from pipeline import backend, model, tracking
 from pipeline.config import output_dir, validate
 from pipeline.errors import exit_on_pipeline_error
 from pipeline.files import atomic_path, write_text
@@ -27,12 +26,13 @@ PREDICTIONS_FILE = "confusion.csv"  # one row per test image: DVC's confusion pl
 CONFUSION_PNG = "confusion_matrix.png"
 
 
-def evaluate(xp, W, b, test_x, test_y, num_classes):
-    """Metrics of (W, b) on the test set, as plain Python/NumPy values."""
-    X, Y = to_device(xp, test_x), to_device(xp, model.one_hot(test_y, num_classes))
-    z = model.logits(xp, W, b, X)
+def evaluate(be, layers, test_x, test_y, num_classes):
+    """Metrics of the model (host layers) on the test set, as plain Python/NumPy values."""
+    xp = be.xp
+    X, Y = be.to_device(test_x), be.to_device(model.one_hot(test_y, num_classes))
+    _, z = model.forward(xp, [(be.to_device(W), be.to_device(b)) for W, b in layers], X)
     loss = float(model.cross_entropy(xp, z, Y))
-    predicted = to_host(xp, xp.argmax(z, axis=1)).astype(np.int64)
+    predicted = be.to_host(xp.argmax(z, axis=1)).astype(np.int64)
     actual = np.asarray(test_y, dtype=np.int64)
     confusion = np.zeros((num_classes, num_classes), dtype=np.int64)  # rows: actual, cols: predicted
     np.add.at(confusion, (actual, predicted), 1)
@@ -81,12 +81,11 @@ def log_report(report, class_names, out_dir):
     mlflow.log_artifact(str(Path(out_dir) / METRICS_FILE), "evaluation")
 
 
-def evaluate_and_log(cfg, W, b, out_dir):
+def evaluate_and_log(cfg, layers, out_dir):
     """Evaluate on the test split, write the reports to out_dir, log them to the active run."""
-    xp = get_namespace(cfg.backend.name)
     test_x, test_y = load_split(cfg.paths.processed, "test")
     class_names = list(cfg.data.class_names)
-    report = evaluate(xp, to_device(xp, W), to_device(xp, b), test_x, test_y, len(class_names))
+    report = evaluate(backend.select(cfg.backend.name), layers, test_x, test_y, len(class_names))
     write_reports(report, class_names, out_dir)
     log_report(report, class_names, out_dir)
     log.info("test accuracy %.4f, loss %.4f -> %s", report["accuracy"], report["loss"], out_dir)
@@ -117,9 +116,9 @@ def _plot_confusion(confusion, class_names, path):
 @exit_on_pipeline_error
 def main(cfg):
     validate(cfg)
-    W, b, _ = model.load(Path(cfg.paths.model) / model.FILE)
+    layers, _ = model.load(Path(cfg.paths.model) / model.FILE)
     with tracking.reopened_run(cfg, cfg.paths.model):
-        evaluate_and_log(cfg, W, b, output_dir())
+        evaluate_and_log(cfg, layers, output_dir())
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""Softmax regression, the lecture's model, written against the array API.
+"""The models, written against the array API: softmax regression and the MLP.
+
+Softmax regression (the lecture's model) is the network with no hidden layer:
 
     logits = x W^T + b        W: (classes, 784), b: (classes,)
     p      = softmax(logits)
@@ -6,8 +8,12 @@
     dL/dW  = (p - onehot(y))^T x / n,   dL/db = mean(p - onehot(y))
 
 Row i of W is the "filter" of class i: logit i is the correlation of that
-filter with the image. Every function takes the array namespace `xp` first
-and uses only array-API calls, so NumPy, CuPy and array-api-strict all run it.
+filter with the image. The MLP puts ReLU layers in front, h = relu(x W1^T + b1),
+and backpropagates the same (p - onehot(y)) through them.
+
+A model is a list of (W, b) layers. Every function takes the array namespace
+`xp` first and uses only array-API calls, so NumPy, CuPy and array-api-strict
+all run it.
 """
 
 import json
@@ -22,10 +28,16 @@ from pipeline.files import save_npz
 FILE = "model.npz"  # the file name train writes and evaluate/export_filters read
 
 
-def init_params(rng, num_classes, num_features):
-    """Small random W (host RNG, so every backend starts identically), zero b."""
-    W = rng.normal(0.0, 0.01, size=(num_classes, num_features)).astype(np.float32)
-    return W, np.zeros(num_classes, dtype=np.float32)
+def init_params(rng, sizes):
+    """Layers for sizes [784, *hidden, classes], drawn from the host RNG so every
+    backend starts identically. Hidden layers: He initialisation (std sqrt(2 /
+    fan_in), right for ReLU). Output layer: small weights (std 0.01). Biases 0."""
+    layers = []
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        std = 0.01 if i == len(sizes) - 2 else (2.0 / fan_in) ** 0.5
+        W = rng.normal(0.0, std, size=(fan_out, fan_in)).astype(np.float32)
+        layers.append((W, np.zeros(fan_out, dtype=np.float32)))
+    return layers
 
 
 def one_hot(labels, num_classes):
@@ -35,6 +47,16 @@ def one_hot(labels, num_classes):
 
 def logits(xp, W, b, X):
     return X @ xp.matrix_transpose(W) + b
+
+
+def forward(xp, layers, X):
+    """(inputs of each layer, output logits)."""
+    inputs = [X]
+    for W, b in layers[:-1]:
+        z = logits(xp, W, b, inputs[-1])
+        inputs.append(xp.where(z > 0, z, xp.zeros_like(z)))  # ReLU
+    W, b = layers[-1]
+    return inputs, logits(xp, W, b, inputs[-1])
 
 
 def softmax(xp, z):
@@ -51,39 +73,59 @@ def cross_entropy(xp, z, onehot):
     return xp.mean(log_norm - xp.sum(z * onehot, axis=1))
 
 
-def gradients(xp, W, b, X, onehot):
-    """(dL/dW, dL/db) of the mean cross-entropy over the batch X."""
-    delta = (softmax(xp, logits(xp, W, b, X)) - onehot) / X.shape[0]  # p - onehot(y)
-    return xp.matrix_transpose(delta) @ X, xp.sum(delta, axis=0)
+def gradients(xp, layers, X, onehot):
+    """[(dL/dW, dL/db) per layer] of the mean cross-entropy over the batch X,
+    and the logits (so the caller can score the batch without a second pass)."""
+    inputs, z = forward(xp, layers, X)
+    delta = (softmax(xp, z) - onehot) / X.shape[0]  # dL/dlogits = (p - onehot(y)) / n
+    grads = []
+    for i in range(len(layers) - 1, -1, -1):
+        grads.append(_summed_over_batch(xp, delta, inputs[i]))
+        if i:  # through W, then through the ReLU that made inputs[i]
+            delta = delta @ layers[i][0]
+            delta = xp.where(inputs[i] > 0, delta, xp.zeros_like(delta))
+    return grads[::-1], z
 
 
-def sgd_step(xp, W, b, X, onehot, lr):
-    """One SGD update, in place: W -= lr dL/dW, b -= lr dL/db."""
-    grad_W, grad_b = gradients(xp, W, b, X, onehot)
-    W -= lr * grad_W
-    b -= lr * grad_b
+def _summed_over_batch(xp, delta, inputs):
+    """(delta^T inputs, sum of delta over the batch). For a single sample (the
+    lecture's batch_size=1) this is an outer product, which broadcasting does
+    several times faster than a rank-1 matrix product, and the sum is a row."""
+    if delta.shape[0] == 1:
+        return xp.matrix_transpose(delta) * inputs, delta[0, ...]
+    return xp.matrix_transpose(delta) @ inputs, xp.sum(delta, axis=0)
 
 
-def loss_and_accuracy(xp, W, b, X, onehot):
-    """Device scalars (no host sync): mean loss and fraction classified right."""
-    z = logits(xp, W, b, X)
+def scores(xp, z, onehot):
+    """Device scalars (no host sync) of logits z: mean loss and fraction classified right."""
     hits = xp.argmax(z, axis=1) == xp.argmax(onehot, axis=1)
     return cross_entropy(xp, z, onehot), xp.mean(xp.astype(hits, xp.float32))
 
 
-def save(path, W, b, config_json):
-    """W, b and the resolved training config, as an .npz with no pickled objects."""
-    save_npz(path, {"W": W, "b": b, "config": np.array(config_json)})
+def loss_and_accuracy(xp, layers, X, onehot):
+    return scores(xp, forward(xp, layers, X)[1], onehot)
+
+
+def save(path, layers, config_json):
+    """The layers and the resolved training config, as an .npz with no pickled
+    objects. One layer (softmax regression) is stored as W and b."""
+    names = [("W", "b")] if len(layers) == 1 else [(f"W{i}", f"b{i}") for i in range(len(layers))]
+    arrays = {name: array for pair, layer in zip(names, layers) for name, array in zip(pair, layer)}
+    save_npz(path, dict(arrays, config=np.array(config_json)))
 
 
 def load(path):
-    """(W, b, config dict) of a model written by `save`."""
+    """(layers, config dict) of a model written by `save`."""
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{path} is missing: run the train stage first (dvc repro)")
     try:  # allow_pickle=False: a model file must never run code when loaded
         with np.load(path, allow_pickle=False) as npz:
-            return npz["W"], npz["b"], json.loads(str(npz["config"]))
+            if "W" in npz:
+                layers = [(npz["W"], npz["b"])]
+            else:
+                layers = [(npz[f"W{i}"], npz[f"b{i}"]) for i in range(len(npz.files) // 2)]
+            return layers, json.loads(str(npz["config"]))
     except (ValueError, KeyError, OSError, zipfile.BadZipFile) as err:
         raise PipelineError(
             f"{path}: not a model written by the train stage ({err}); run train again (dvc repro)"

@@ -1,0 +1,148 @@
+"""One core for every backend: NumPy, array-api-strict (a stand-in accelerator
+that refuses host/device mixing and, on `no_float64`, float64), and CuPy when a
+GPU is visible."""
+
+from types import SimpleNamespace
+
+import array_api_strict
+import numpy as np
+import pytest
+
+from pipeline import backend, model
+from pipeline.backend import Backend
+from pipeline.errors import PipelineError
+from pipeline.optim import SGD
+from pipeline.train import fit
+
+NUMPY = Backend("numpy", np)
+STRICT = {dev: Backend("array_api_strict", array_api_strict, array_api_strict.Device(dev))
+          for dev in ("device1", "no_float64")}
+
+
+def _data(seed=0, n=300):
+    rng = np.random.default_rng(seed)
+    X = rng.random((n, 784), dtype=np.float32)
+    y = rng.integers(0, 10, size=n)
+    X[np.arange(n)[:, None], (y * 70)[:, None] + np.arange(30)] += 2.0  # a learnable signal
+    return X, y
+
+
+def _hp(**overrides):
+    hp = dict(lr=0.1, epochs=2, batch_size=32, momentum=0.9, nesterov=True, weight_decay=1e-4,
+              schedule="cosine", step_epochs=1, gamma=0.5)
+    return SimpleNamespace(**dict(hp, **overrides))
+
+
+def _host_layers(be, layers):
+    return [(be.to_host(W), be.to_host(b)) for W, b in layers]
+
+
+@pytest.mark.parametrize("device", STRICT)
+@pytest.mark.parametrize("hidden", [[], [32]])
+def test_gradients_and_step_on_strict_equal_numpy(device, hidden):
+    be = STRICT[device]
+    X, y = _data()
+    onehot = model.one_hot(y, 10)
+    init = model.init_params(np.random.default_rng(1), [784, *hidden, 10])
+    results = []
+    for b in (NUMPY, be):
+        layers = [(b.to_device(W.copy()), b.to_device(bias.copy())) for W, bias in init]
+        grads, z = model.gradients(b.xp, layers, b.to_device(X[:16]), b.to_device(onehot[:16]))
+        assert z.dtype == b.xp.float32
+        SGD(b.xp, layers, momentum=0.9, nesterov=True, weight_decay=1e-3).step(layers, grads, 0.05)
+        results.append((_host_layers(b, grads), _host_layers(b, layers)))
+    (g_np, p_np), (g_st, p_st) = results
+    for a, c in zip(sum(g_np + p_np, ()), sum(g_st + p_st, ())):
+        np.testing.assert_array_equal(a, c)
+
+
+def test_strict_gradient_matches_finite_differences_in_float64():
+    be = Backend("array_api_strict", array_api_strict, array_api_strict.Device("device1"))
+    xp = be.xp
+    X, y = _data(n=4)
+    rng = np.random.default_rng(3)
+    layers_np = [(rng.normal(0, 0.1, (8, 784)), np.zeros(8)), (rng.normal(0, 0.1, (10, 8)), np.zeros(10))]
+    onehot = model.one_hot(y, 10).astype(np.float64)
+    layers = [(be.to_device(W), be.to_device(b)) for W, b in layers_np]
+    Xd, Yd = be.to_device(X.astype(np.float64)), be.to_device(onehot)
+    grads, _ = model.gradients(xp, layers, Xd, Yd)
+    eps = 1e-6
+    for (layer, i, j) in [(0, 0, 100), (0, 7, 600), (1, 3, 5), (1, 9, 0)]:
+        def loss_with(delta):
+            changed = [(be.to_device(W.copy()), be.to_device(b)) for W, b in layers_np]
+            W = layers_np[layer][0].copy()
+            W[i, j] += delta
+            changed[layer] = (be.to_device(W), changed[layer][1])
+            return float(model.loss_and_accuracy(xp, changed, Xd, Yd)[0])
+        numeric = (loss_with(eps) - loss_with(-eps)) / (2 * eps)
+        assert numeric == pytest.approx(float(be.to_host(grads[layer][0])[i, j]), rel=1e-5, abs=1e-9)
+
+
+@pytest.mark.parametrize("device", STRICT)
+def test_a_short_training_run_on_strict_equals_numpy(device):
+    be = STRICT[device]
+    X, y = _data()
+    train_xy, val_xy = (X[:250], y[:250]), (X[250:], y[250:])
+    runs = []
+    for b in (NUMPY, be):
+        rng = np.random.default_rng(0)
+        layers = [(b.to_device(W), b.to_device(bias)) for W, bias in model.init_params(rng, [784, 32, 10])]
+        history = fit(b, _hp(), rng, layers, train_xy, val_xy, 10)
+        runs.append((history, _host_layers(b, layers)))
+    (hist_np, layers_np), (hist_st, layers_st) = runs
+    assert hist_np == hist_st
+    for (W1, b1), (W2, b2) in zip(layers_np, layers_st):
+        np.testing.assert_array_equal(W1, W2)
+        np.testing.assert_array_equal(b1, b2)
+    assert hist_np[-1]["val/accuracy"] > 0.5  # it learned something
+
+
+def test_cupy_without_a_gpu_fails_at_start_with_a_fix():
+    try:
+        import cupy
+        if cupy.cuda.is_available():
+            pytest.skip("a GPU is visible here")
+    except ImportError:
+        pass
+    with pytest.raises(PipelineError, match="CuPy.*(not installed|no CUDA GPU).*backend=numpy"):
+        backend.select("cupy")
+
+
+def test_auto_falls_back_to_numpy_without_a_gpu():
+    chosen = backend.select("auto")
+    try:
+        import cupy
+        gpu = cupy.cuda.is_available()
+    except ImportError:
+        gpu = False
+    assert chosen.name == ("cupy" if gpu else "numpy")
+
+
+def _gpu_or_skip():
+    cupy = pytest.importorskip("cupy", reason="CuPy is not installed (pip install -e '.[gpu]')")
+    if not cupy.cuda.is_available():
+        pytest.skip("no CUDA GPU visible")
+    return backend.select("cupy")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hidden", [[], [256]])
+def test_cupy_matches_numpy_after_one_epoch(subset, hidden):
+    gpu = _gpu_or_skip()
+    train_xy, val_xy = subset
+    runs = []
+    for b in (NUMPY, gpu):
+        rng = np.random.default_rng(0)
+        layers = [(b.to_device(W), b.to_device(bias)) for W, bias in model.init_params(rng, [784, *hidden, 10])]
+        fit(b, _hp(epochs=1, lr=0.05, batch_size=128), rng, layers, train_xy, val_xy, 10)
+        runs.append(_host_layers(b, layers))
+    for (W1, b1), (W2, b2) in zip(*runs):
+        assert W2.dtype == np.float32
+        np.testing.assert_allclose(W2, W1, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(b2, b1, rtol=1e-4, atol=1e-6)
+
+
+@pytest.fixture
+def subset():
+    X, y = _data(n=6000)
+    return (X[:5000], y[:5000]), (X[5000:], y[5000:])
