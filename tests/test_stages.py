@@ -146,3 +146,17 @@ def test_evaluate_and_export_write_reports_into_the_training_run(fixture_cfg, tm
     confusion = json.loads(open(client.download_artifacts(
         run.info.run_id, "evaluation/confusion_matrix.json", str(tmp_path))).read())
     assert np.sum(confusion["rows_actual_cols_predicted"]) == FIXTURE_TEST
+
+
+def test_mlp_trains_and_exports_its_first_64_units(fixture_overrides, tmp_path):
+    from conftest import make_cfg
+    cfg = make_cfg(*fixture_overrides, "model=mlp", "model.hidden=[80,20]", "train.momentum=0.9")
+    _prepare(cfg)
+    train.train(cfg, tmp_path / "run")
+    layers, config = model.load(tmp_path / "run" / model.FILE)
+    assert [W.shape for W, _ in layers] == [(80, 784), (20, 80), (10, 20)]
+    assert config["model"] == {"name": "mlp", "hidden": [80, 20]}
+    metrics = json.loads((tmp_path / "run" / evaluate.METRICS_FILE).read_text())["test"]
+    assert metrics["accuracy"] > 0.9
+    pngs = sorted(p.name for p in (tmp_path / "run" / "filters").iterdir())
+    assert len(pngs) == 64 + 1 and "filter_63.png" in pngs and export_filters.GRID_FILE in pngs

@@ -1,0 +1,141 @@
+"""Seconds per epoch: this project's NumPy trainer against PyTorch CPU, and the floor.
+
+    pip install -e '.[bench]'      # torch==2.13.0, CPU build
+    dvc repro normalise            # the real MNIST in data/processed/
+    python benchmarks/bench_torch.py [--epochs 3] [--threads 1]
+
+Same data (55,000 training images, 5,000 validation), same model, same batch
+size and epochs, same BLAS thread count, measured in one run. Our figure is a
+whole `fit` (shuffles, SGD steps, per-epoch training and validation metrics)
+plus logging every epoch to a throwaway MLflow SQLite store, exactly as the
+train stage does. PyTorch's loop shuffles, steps and validates every epoch.
+The floor is one pass of the same matrix products over the whole training set
+as a few large calls: no training loop can touch the data for less.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+ROOT = Path(__file__).resolve().parents[1]
+CASES = {"softmax": [], "mlp 784-256-10": [256]}
+
+
+def hyperparameters(hidden, epochs):
+    momentum = 0.9 if hidden else 0.0
+    return SimpleNamespace(lr=0.05 if hidden else 0.2, epochs=epochs, batch_size=128, momentum=momentum,
+                           nesterov=False, weight_decay=0.0, schedule="constant", step_epochs=1, gamma=1.0)
+
+
+def ours(hidden, data, epochs):
+    import mlflow
+
+    from pipeline import backend, model
+    from pipeline.train import fit
+
+    be = backend.select("numpy")
+    with tempfile.TemporaryDirectory() as tmp:
+        mlflow.set_tracking_uri(f"sqlite:///{tmp}/bench.db")
+        with mlflow.start_run():
+            rng = np.random.default_rng(0)
+            layers = [(be.to_device(W), be.to_device(b)) for W, b in model.init_params(rng, [784, *hidden, 10])]
+            times, last = [], [time.perf_counter()]
+
+            def log_and_time(epoch, row):
+                mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+                now = time.perf_counter()
+                times.append(now - last[0])
+                last[0] = now
+
+            history = fit(be, hyperparameters(hidden, epochs), rng, layers, data["train"], data["val"], 10,
+                          on_epoch=log_and_time)
+    return times, history[-1]["val/accuracy"]
+
+
+def pytorch(hidden, data, epochs):
+    import torch
+
+    torch.manual_seed(0)
+    sizes = [784, *hidden, 10]
+    modules = []
+    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+        modules += [torch.nn.Linear(fan_in, fan_out), torch.nn.ReLU()]
+    net = torch.nn.Sequential(*modules[:-1])
+    hp = hyperparameters(hidden, epochs)
+    opt = torch.optim.SGD(net.parameters(), lr=hp.lr, momentum=hp.momentum)
+    X, y = torch.from_numpy(data["train"][0]), torch.from_numpy(data["train"][1].astype(np.int64))
+    X_val, y_val = torch.from_numpy(data["val"][0]), torch.from_numpy(data["val"][1].astype(np.int64))
+    times = []
+    for _ in range(epochs):
+        started = time.perf_counter()
+        order = torch.randperm(len(X))
+        for start in range(0, len(X), hp.batch_size):
+            rows = order[start:start + hp.batch_size]
+            loss = torch.nn.functional.cross_entropy(net(X[rows]), y[rows])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            accuracy = (net(X_val).argmax(1) == y_val).float().mean().item()
+        times.append(time.perf_counter() - started)
+    return times, accuracy
+
+
+def floor(hidden, data, repeats=3):
+    """One forward and one backward pass of the same products over all of X, in large calls."""
+    X = data["train"][0]
+    rng = np.random.default_rng(0)
+    sizes = [784, *hidden, 10]
+    Ws = [rng.normal(0, 0.01, (o, i)).astype(np.float32) for i, o in zip(sizes[:-1], sizes[1:])]
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        acts = [X]
+        for W in Ws:
+            acts.append(acts[-1] @ W.T)
+        delta = acts[-1]
+        for i in range(len(Ws) - 1, -1, -1):
+            delta.T @ acts[i]  # weight gradient
+            if i:
+                delta = delta @ Ws[i]
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="BLAS/torch threads for every contender")
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT / "src"))
+    from pipeline.normalise import load_split
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    processed = ROOT / "data" / "processed"
+    data = {split: load_split(processed, split) for split in ("train", "val")}
+    print(f"threads {args.threads}, epochs {args.epochs}, batch 128, load average before: "
+          f"{os.getloadavg()[0]:.2f}; figures are medians of seconds per epoch")
+    header = f"{'case':<16}{'ours':>8}{'pytorch':>9}{'ratio':>7}{'floor':>8}{'ours/floor':>11}  val acc (ours, torch)"
+    print(header)
+    with threadpool_limits(limits=args.threads):
+        for name, hidden in CASES.items():
+            ours_t, ours_acc = ours(hidden, data, args.epochs)
+            torch_t, torch_acc = pytorch(hidden, data, args.epochs)
+            floor_t = floor(hidden, data)
+            o, t, f = (statistics.median(x) for x in (ours_t, torch_t, floor_t))
+            print(f"{name:<16}{o:8.3f}{t:9.3f}{o / t:7.2f}{f:8.3f}{o / f:11.2f}  {ours_acc:.4f}, {torch_acc:.4f}")
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
