@@ -74,6 +74,9 @@ class TrainConfig:
 @dataclass
 class BackendConfig:
     name: str = MISSING
+    # CPU BLAS threads while training. 1 by default: on 2 cores, two BLAS threads
+    # ran 20x slower when anything else was busy (measured), and small matrices gain little.
+    threads: int = 1
 
 
 @dataclass
@@ -147,6 +150,8 @@ def validate(cfg: DictConfig) -> None:
         _fail("model.hidden", list(m.hidden), "one or more layer sizes >= 1, e.g. [256]")
     if cfg.backend.name not in BACKENDS:
         _fail("backend.name", cfg.backend.name, f"one of {BACKENDS}")
+    if cfg.backend.threads < 1:
+        _fail("backend.threads", cfg.backend.threads, "an integer >= 1")
     d = cfg.data
     if d.val_size < 1:
         _fail("data.val_size", d.val_size, "an integer >= 1 (images held out for validation)")

@@ -123,6 +123,7 @@ def _ended_with_status():
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         yield
+        mlflow.flush_async_logging()  # per-epoch metrics are logged in the background
     except KeyboardInterrupt:
         mlflow.set_tag("failure_reason", "interrupted by SIGINT or SIGTERM")
         mlflow.end_run("KILLED")

@@ -21,6 +21,7 @@ import hydra
 import mlflow
 import numpy as np
 from omegaconf import OmegaConf
+from threadpoolctl import threadpool_limits
 
 from pipeline import backend, evaluate, export_filters, model, tracking
 from pipeline.config import output_dir, validate
@@ -89,11 +90,12 @@ def train(cfg, out_dir):
     rng = np.random.default_rng(cfg.seed)  # host RNG: init and shuffles, same on every backend
     sizes = [train_xy[0].shape[1], *cfg.model.hidden, num_classes]
     layers = [(be.to_device(W), be.to_device(b)) for W, b in model.init_params(rng, sizes)]
-    with tracking.training_run(cfg, out_dir):
+    with tracking.training_run(cfg, out_dir), threadpool_limits(limits=cfg.backend.threads):
         mlflow.set_tag("backend.resolved", be.name)
+        # Logged in the background (synchronous=False): the next epoch does not wait for the store.
         history = fit(be, cfg.train, rng, layers, train_xy, val_xy, num_classes,
                       on_epoch=lambda epoch, row: mlflow.log_metrics(
-                          {k: v for k, v in row.items() if k != "epoch"}, step=epoch))
+                          {k: v for k, v in row.items() if k != "epoch"}, step=epoch, synchronous=False))
         layers = [(be.to_host(W), be.to_host(b)) for W, b in layers]
         config_json = json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True)
         model.save(out_dir / model.FILE, layers, config_json)
