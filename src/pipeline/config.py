@@ -15,8 +15,16 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from pipeline.errors import PipelineError
 
-# The directory holding conf/, src/ and dvc.yaml (src/pipeline/config.py -> root).
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+def _project_root():
+    """The checkout a command runs in: the current directory when it holds
+    conf/config.yaml (DVC runs every stage, and every queued `dvc exp run`, from
+    the root of its workspace, which may be a temporary copy), else the
+    checkout this package was installed from."""
+    cwd = Path.cwd()
+    return cwd if (cwd / "conf" / "config.yaml").is_file() else Path(__file__).resolve().parents[2]
+
+
+PROJECT_ROOT = _project_root()
 CONF_DIR = PROJECT_ROOT / "conf"
 
 SOURCE_KINDS = ("local", "http", "npm")

@@ -14,7 +14,7 @@ import mlflow
 import numpy as np
 
 from pipeline import backend, model, tracking
-from pipeline.config import output_dir, validate
+from pipeline.config import CONF_DIR, output_dir, validate
 from pipeline.errors import exit_on_pipeline_error
 from pipeline.files import atomic_path, write_text
 from pipeline.normalise import load_split
@@ -112,7 +112,7 @@ def _plot_confusion(confusion, class_names, path):
     plt.close(fig)
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 @exit_on_pipeline_error
 def main(cfg):
     validate(cfg)

@@ -15,7 +15,7 @@ import mlflow
 import numpy as np
 
 from pipeline import model, tracking
-from pipeline.config import output_dir, validate
+from pipeline.config import CONF_DIR, output_dir, validate
 from pipeline.errors import exit_on_pipeline_error
 from pipeline.files import atomic_path
 
@@ -72,7 +72,7 @@ def export_and_log(cfg, layers, out_dir):
     return paths
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 @exit_on_pipeline_error
 def main(cfg):
     validate(cfg)

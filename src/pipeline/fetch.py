@@ -17,7 +17,7 @@ from pathlib import Path, PurePosixPath
 
 import hydra
 
-from pipeline.config import output_dir, validate
+from pipeline.config import CONF_DIR, output_dir, validate
 from pipeline.errors import PipelineError, exit_on_pipeline_error
 from pipeline.files import atomic_path, sha256_of
 
@@ -174,7 +174,7 @@ def _describe(source):
             "npm": f"npm package {source.package}"}[source.kind]
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 @exit_on_pipeline_error
 def main(cfg):
     validate(cfg)

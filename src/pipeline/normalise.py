@@ -11,7 +11,7 @@ from pathlib import Path
 import hydra
 import numpy as np
 
-from pipeline.config import output_dir, validate
+from pipeline.config import CONF_DIR, output_dir, validate
 from pipeline.errors import PipelineError, exit_on_pipeline_error
 from pipeline.files import save_npy
 from pipeline.idx import IdxError, read_images, read_labels
@@ -65,7 +65,7 @@ def load_split(processed_dir, split, mmap=False):
     return tuple(np.load(path, mmap_mode=mode, allow_pickle=False) for path in paths)
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 @exit_on_pipeline_error
 def main(cfg):
     validate(cfg)

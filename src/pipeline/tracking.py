@@ -36,9 +36,11 @@ for _name, _value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"),
 
 
 def tracking_uri():
-    """MLFLOW_TRACKING_URI if set, else SQLite at the project root (absolute, so
-    the store does not depend on the current directory)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
+    """MLFLOW_TRACKING_URI if set, else SQLite at the project root, as an absolute
+    URI. Under `dvc exp run --queue` the stage runs in a temporary copy; DVC_ROOT
+    then names the real repository, whose store the run belongs in."""
+    root = os.environ.get("DVC_ROOT") or PROJECT_ROOT
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
 
 
 def open_store():
@@ -83,7 +85,9 @@ def experiment_id(name):
 def training_run(cfg, out_dir):
     """Start the run of one training: params, tags, and run.json in out_dir."""
     open_store()
-    run = mlflow.start_run(experiment_id=experiment_id(cfg.mlflow.experiment))
+    # In a sweep, the launching process created a parent run (pipeline.sweep).
+    parent = os.environ.get("PIPELINE_MLFLOW_PARENT_RUN_ID")
+    run = mlflow.start_run(experiment_id=experiment_id(cfg.mlflow.experiment), parent_run_id=parent)
     with _ended_with_status():
         _describe_run(cfg)
         write_text(Path(out_dir) / RUN_FILE, json.dumps({"run_id": run.info.run_id}) + "\n")
@@ -148,8 +152,15 @@ def _describe_run(cfg):
     tags = {f"data.{spec.name}.sha256": spec.sha256 for spec in cfg.data.files.values()}
     tags["mlflow.source.git.commit"] = _git("rev-parse", "HEAD") or "unknown"
     tags["git.dirty"] = str(bool(_git("status", "--porcelain", "--untracked-files=no")))
+    tags["job.overrides"] = " ".join(_hydra_overrides())
     mlflow.set_tags(tags)
     mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+
+
+def _hydra_overrides():
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 def _git(*args):

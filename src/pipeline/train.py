@@ -18,13 +18,15 @@ import time
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 import mlflow
 import numpy as np
 from omegaconf import OmegaConf
 from threadpoolctl import threadpool_limits
 
-from pipeline import backend, evaluate, export_filters, model, tracking
-from pipeline.config import output_dir, validate
+from pipeline import backend, evaluate, export_filters, model, serving, tracking
+from pipeline.config import CONF_DIR, output_dir, validate
 from pipeline.errors import PipelineError, exit_on_pipeline_error
 from pipeline.files import write_text
 from pipeline.normalise import load_split
@@ -101,9 +103,11 @@ def train(cfg, out_dir):
         model.save(out_dir / model.FILE, layers, config_json)
         write_text(out_dir / HISTORY_FILE, _history_csv(history))
         mlflow.log_artifact(str(out_dir / HISTORY_FILE))
+        serving.log_model(out_dir / model.FILE)
         if cfg.evaluate_after_train:
             evaluate.evaluate_and_log(cfg, layers, out_dir)
             export_filters.export_and_log(cfg, layers, out_dir / "filters")
+    return history[-1]["val/accuracy"]
 
 
 def _history_csv(history):
@@ -114,11 +118,19 @@ def _history_csv(history):
     return out.getvalue()
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 @exit_on_pipeline_error
 def main(cfg):
+    """Returns the final validation accuracy: the objective of an Optuna sweep."""
     validate(cfg)
-    train(cfg, output_dir())
+    try:
+        return train(cfg, output_dir())
+    except DivergenceError as err:
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            raise
+        # The MLflow run is already FAILED with the reason; the rest of the sweep goes on.
+        log.error("%s (this job failed; the sweep goes on)", err)
+        return float("nan")
 
 
 if __name__ == "__main__":

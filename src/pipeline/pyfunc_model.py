@@ -1,0 +1,21 @@
+"""The MLflow "model from code" that serving.log_model logs: predicts digits
+from 784 pixel values in [0, 1], with NumPy only."""
+
+import mlflow
+import numpy as np
+from mlflow.models import set_model
+
+from pipeline import model
+
+
+class DigitClassifier(mlflow.pyfunc.PythonModel):
+    def load_context(self, context):
+        self.layers, _ = model.load(context.artifacts["weights"])
+
+    def predict(self, context, model_input, params=None):
+        X = np.asarray(model_input, dtype=np.float32).reshape(-1, 784)
+        _, logits = model.forward(np, self.layers, X)
+        return np.argmax(logits, axis=1).astype(np.int64)
+
+
+set_model(DigitClassifier())

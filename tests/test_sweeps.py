@@ -1,0 +1,99 @@
+"""Hydra multirun sweeps, read back from MLflow: a parent run per sweep with a
+summary, a complete child run per job, and DVC's outputs left alone."""
+
+import csv
+import os
+import subprocess
+import sys
+
+import mlflow
+import pytest
+
+from pipeline.config import PROJECT_ROOT
+from pipeline.sweep import SUMMARY_CSV, SUMMARY_PNG
+
+
+def _sweep(fixture_cfg, fixture_overrides, tmp_path, *args, timeout=600):
+    from pipeline.fetch import fetch
+    from pipeline.normalise import normalise
+
+    fetch(fixture_cfg.data, fixture_cfg.paths.raw)
+    normalise(fixture_cfg.data, fixture_cfg.paths.raw, fixture_cfg.paths.processed)
+    done = subprocess.run([sys.executable, "-m", "pipeline.train", "-m", *fixture_overrides, *args,
+                           f"hydra.sweep.dir={tmp_path / 'multirun'}"],
+                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    client = mlflow.MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("fixture").experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == len(runs) - 1
+    return client, parent, children
+
+
+def _dvc_status():
+    return subprocess.run(["dvc", "status"], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")).stdout
+
+
+def _check_child(client, run, epochs=3):
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/accuracy")] == list(range(1, epochs + 1))
+    assert "test/accuracy" in run.data.metrics
+    paths = {a.path for top in ("filters", "model") for a in client.list_artifacts(run.info.run_id, top)}
+    assert "filters/filters.png" in paths and "model/MLmodel" in paths
+
+
+def test_serial_sweep_with_a_diverging_job(fixture_cfg, fixture_overrides, tmp_path):
+    before = _dvc_status()
+    client, parent, children = _sweep(fixture_cfg, fixture_overrides, tmp_path, "train.lr=0.01,0.1,1e38")
+    assert sorted(float(r.data.params["train.lr"]) for r in children) == [0.01, 0.1, 1e38]
+    by_lr = {float(r.data.params["train.lr"]): r for r in children}
+    for lr in (0.01, 0.1):
+        assert by_lr[lr].info.status == "FINISHED"
+        _check_child(client, by_lr[lr])
+    assert by_lr[1e38].info.status == "FAILED" and "diverged" in by_lr[1e38].data.tags["failure_reason"]
+
+    assert parent.info.status == "FINISHED"
+    tags = parent.data.tags
+    assert tags["sweep.jobs"] == "3" and tags["sweep.failed"] == "1"
+    best = max((by_lr[0.01], by_lr[0.1]), key=lambda r: r.data.metrics["val/accuracy"])
+    assert tags["best_run_id"] == best.info.run_id and float(tags["best_lr"]) == float(best.data.params["train.lr"])
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {SUMMARY_CSV, SUMMARY_PNG} <= artifacts
+    with open(client.download_artifacts(parent.info.run_id, SUMMARY_CSV, str(tmp_path))) as f:
+        rows = {float(r["train.lr"]): r for r in csv.DictReader(f)}
+    assert rows[1e38]["status"] == "FAILED" and "diverged" in rows[1e38]["failure_reason"]
+    assert float(rows[0.1]["test/accuracy"]) == pytest.approx(by_lr[0.1].data.metrics["test/accuracy"])
+    assert len(list((tmp_path / "multirun").glob("*/model.npz"))) == 2  # job outputs under multirun/
+    assert _dvc_status() == before
+
+
+def test_joblib_sweep_four_jobs_at_once(fixture_cfg, fixture_overrides, tmp_path):
+    client, parent, children = _sweep(fixture_cfg, fixture_overrides, tmp_path,
+                                      "hydra/launcher=joblib", "hydra.launcher.n_jobs=4",
+                                      "train.lr=0.01,0.03,0.1,0.3")
+    assert sorted(float(r.data.params["train.lr"]) for r in children) == [0.01, 0.03, 0.1, 0.3]
+    for run in children:
+        assert run.info.status == "FINISHED"
+        _check_child(client, run)
+    assert parent.data.tags["sweep.jobs"] == "4" and parent.data.tags["sweep.failed"] == "0"
+
+
+def test_optuna_search_over_lr(fixture_cfg, fixture_overrides, tmp_path):
+    client, parent, children = _sweep(fixture_cfg, fixture_overrides, tmp_path,
+                                      "hparams_search=lr_optuna", "hydra.sweeper.n_trials=3")
+    lrs = [float(r.data.params["train.lr"]) for r in children]
+    assert len(lrs) == 3 and all(1e-3 <= lr <= 1.0 for lr in lrs)
+    results = (tmp_path / "multirun" / "optimization_results.yaml").read_text()
+    best = max(children, key=lambda r: r.data.metrics["val/accuracy"])
+    assert f"{best.data.metrics['val/accuracy']}"[:6] in results
+
+
+def test_submitit_local_launcher(fixture_cfg, fixture_overrides, tmp_path):
+    client, parent, children = _sweep(fixture_cfg, fixture_overrides, tmp_path,
+                                      "hydra/launcher=submitit_local", "train.lr=0.05,0.5")
+    assert sorted(float(r.data.params["train.lr"]) for r in children) == [0.05, 0.5]
+    for run in children:
+        assert run.info.status == "FINISHED"
+        _check_child(client, run)
