@@ -1,0 +1,35 @@
+"""`dvc exp run -S` on our conf/ layout: a single value and a --queue grid,
+shown by `dvc exp show` with the lr and test-accuracy columns."""
+
+import json
+
+from conftest import run_ok
+
+LR = "conf/train/sgd.yaml:lr"
+
+
+def _experiments(repo, env):
+    """{experiment name: (lr, test accuracy)} from `dvc exp show --json`, baseline excluded."""
+    found = {}
+    for commit in json.loads(run_ok(["dvc", "exp", "show", "--json"], repo, env)):
+        for exp in commit.get("experiments") or []:
+            for rev in exp.get("revs", []):
+                data = rev.get("data") or {}
+                params = data.get("params", {}).get("conf/train/sgd.yaml", {}).get("data", {})
+                metrics = data.get("metrics", {}).get("reports/metrics.json", {}).get("data", {})
+                found[rev["name"]] = (params.get("lr"), metrics.get("test", {}).get("accuracy"))
+    return found
+
+
+def test_dvc_exp_run_single_value_and_queued_grid(repo_copy):
+    repo, env = repo_copy
+    run_ok(["dvc", "exp", "run", "-n", "single", "-S", f"{LR}=0.5"], repo, env)
+    run_ok(["dvc", "exp", "run", "--queue", "-S", f"{LR}=0.01,0.3"], repo, env)
+    run_ok(["dvc", "exp", "run", "--run-all", "--jobs", "2"], repo, env, timeout=900)
+    table = run_ok(["dvc", "exp", "show", "--csv"], repo, env)
+    header = table.splitlines()[0]
+    assert "lr" in header and "test.accuracy" in header
+    found = _experiments(repo, env)
+    assert sorted(lr for lr, _ in found.values()) == [0.01, 0.3, 0.5], found
+    assert all(0.80 < accuracy < 0.95 for _, accuracy in found.values())
+    assert found["single"][0] == 0.5
