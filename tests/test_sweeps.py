@@ -70,6 +70,7 @@ def test_serial_sweep_with_a_diverging_job(fixture_cfg, fixture_overrides, tmp_p
 
 
 def test_joblib_sweep_four_jobs_at_once(fixture_cfg, fixture_overrides, tmp_path):
+    before = _dvc_status()
     client, parent, children = _sweep(fixture_cfg, fixture_overrides, tmp_path,
                                       "hydra/launcher=joblib", "hydra.launcher.n_jobs=4",
                                       "train.lr=0.01,0.03,0.1,0.3")
@@ -78,6 +79,8 @@ def test_joblib_sweep_four_jobs_at_once(fixture_cfg, fixture_overrides, tmp_path
         assert run.info.status == "FINISHED"
         _check_child(client, run)
     assert parent.data.tags["sweep.jobs"] == "4" and parent.data.tags["sweep.failed"] == "0"
+    assert {SUMMARY_CSV, SUMMARY_PNG} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert _dvc_status() == before
 
 
 def test_optuna_search_over_lr(fixture_cfg, fixture_overrides, tmp_path):
