@@ -20,22 +20,21 @@ import math
 import os
 from pathlib import Path
 
+import mlflow
 from hydra.experimental.callback import Callback
+
+from pipeline import tracking
+from pipeline.tracking import PARENT_ENV
 
 log = logging.getLogger(__name__)
 
-PARENT_ENV = "PIPELINE_MLFLOW_PARENT_RUN_ID"
 SUMMARY_CSV = "sweep_summary.csv"
 SUMMARY_PNG = "sweep_accuracy_vs_lr.png"
 
 
 class SweepCallback(Callback):
     def on_multirun_start(self, config, **kwargs):
-        from pipeline import tracking
-
         tracking.open_store()
-        import mlflow
-
         self.experiment_id = tracking.experiment_id(config.mlflow.experiment)
         sweep_dir = config.hydra.sweep.dir
         parent = mlflow.MlflowClient().create_run(
@@ -48,8 +47,6 @@ class SweepCallback(Callback):
         log.info("MLflow parent run %s for this sweep", self.parent_id)
 
     def on_multirun_end(self, config, **kwargs):
-        import mlflow
-
         os.environ.pop(PARENT_ENV, None)
         client = mlflow.MlflowClient()
         children = client.search_runs([self.experiment_id],

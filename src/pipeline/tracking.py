@@ -25,6 +25,8 @@ from pipeline.files import write_text
 log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
+# Set by pipeline.sweep in the launching process: the MLflow parent run of a multirun.
+PARENT_ENV = "PIPELINE_MLFLOW_PARENT_RUN_ID"
 
 
 # A tracking server that is down must fail a run within seconds, not after
@@ -85,8 +87,7 @@ def experiment_id(name):
 def training_run(cfg, out_dir):
     """Start the run of one training: params, tags, and run.json in out_dir."""
     open_store()
-    # In a sweep, the launching process created a parent run (pipeline.sweep).
-    parent = os.environ.get("PIPELINE_MLFLOW_PARENT_RUN_ID")
+    parent = os.environ.get(PARENT_ENV)  # a job of a sweep is a child of the sweep's run
     run = mlflow.start_run(experiment_id=experiment_id(cfg.mlflow.experiment), parent_run_id=parent)
     with _ended_with_status():
         _describe_run(cfg)
