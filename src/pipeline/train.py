@@ -3,10 +3,11 @@
 Each epoch: a fresh shuffle from the host RNG, one SGD step per minibatch,
 then loss and accuracy logged to MLflow with step=epoch: on the training set
 as it trained (each image scored by the logits of its own step, the usual
-running figure), on the validation set after the epoch. Writes model.npz (layers, config), history.csv
-and run.json. An ad hoc run (evaluate_after_train=true) also evaluates on the
-test set and exports the filters, so its MLflow run is as complete as a
-`dvc repro`.
+running figure), on the validation set after the epoch. Writes model.npz
+(layers, config), history.csv and run.json, and logs a pyfunc model. An ad hoc
+run (evaluate_after_train=true) also evaluates on the test set and exports the
+filters, so its MLflow run is as complete as a `dvc repro`. In a multirun it
+returns the final validation accuracy (the Optuna objective).
 """
 
 import csv
