@@ -85,6 +85,15 @@ def real_mnist(tmp_path_factory):
     return raw
 
 
+def free_port():
+    """A port on 127.0.0.1 that nothing listens on (for a server to start, or to be refused)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_ok(args, cwd, env, timeout=600):
     done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, f"{args} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"

@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ import mlflow
 import numpy as np
 import pytest
 
+from conftest import free_port
 from pipeline import model, train
 from pipeline.fetch import fetch
 from pipeline.normalise import load_split, normalise
@@ -41,15 +41,9 @@ def test_pyfunc_round_trip(trained):
     assert (predicted == test_y).mean() > 0.9
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_mlflow_models_serve_answers_predictions(trained, tmp_path):
     run_id, test_x, _, expected = trained
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [os.path.join(os.path.dirname(sys.executable), "mlflow"), "models", "serve", "-m", f"runs:/{run_id}/model",
          "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],

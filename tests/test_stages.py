@@ -160,3 +160,15 @@ def test_mlp_trains_and_exports_its_first_64_units(fixture_overrides, tmp_path):
     assert metrics["accuracy"] > 0.9
     pngs = sorted(p.name for p in (tmp_path / "run" / "filters").iterdir())
     assert len(pngs) == 64 + 1 and "filter_63.png" in pngs and export_filters.GRID_FILE in pngs
+
+
+def test_a_run_missing_from_the_store_is_continued_in_a_tagged_new_run(fixture_cfg, tmp_path):
+    """DVC restored models/ on another machine: its run id is not in this store."""
+    from pipeline import tracking
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / tracking.RUN_FILE).write_text('{"run_id": "0123456789abcdef"}')
+    with tracking.reopened_run(fixture_cfg, tmp_path / "models"):
+        mlflow.log_metric("test/accuracy", 0.5)
+    (run,) = _runs(fixture_cfg)
+    assert run.info.status == "FINISHED" and run.data.tags["restored_from_run_id"] == "0123456789abcdef"
+    assert run.data.params["train.lr"] == "0.1" and run.data.metrics["test/accuracy"] == 0.5

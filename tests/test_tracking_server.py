@@ -5,7 +5,6 @@ import glob
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,15 +15,10 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from conftest import free_port
 from pipeline.config import PROJECT_ROOT
 
 BIN = Path(sys.executable).parent
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_for(url, proc, log, limit_s=120):
@@ -54,7 +48,7 @@ def postgres_uri():
     if os.geteuid() == 0:  # initdb refuses to run as root
         shutil.chown(root, "postgres")
         as_postgres = ["runuser", "-u", "postgres", "--"]
-    data, port = root / "data", _free_port()
+    data, port = root / "data", free_port()
     run = lambda *args: subprocess.run([*as_postgres, *args], check=True, capture_output=True, timeout=120)
     run(str(pg / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres")
     run(str(pg / "pg_ctl"), "-D", str(data), "-l", str(root / "pg.log"), "-w", "start",
@@ -71,7 +65,7 @@ def postgres_uri():
 def tracking_server(request, tmp_path):
     store = (f"sqlite:///{tmp_path / 'server.db'}" if request.param == "sqlite"
              else request.getfixturevalue("postgres_uri"))
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "server.log"
     server = subprocess.Popen(
         [str(BIN / "mlflow"), "server", "--backend-store-uri", store,

@@ -12,12 +12,10 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.config import BACKENDS
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
-
-CHOICES = ("numpy", "cupy", "auto")
-
 
 @dataclass(frozen=True)
 class Backend:
@@ -50,7 +48,7 @@ def select(name):
         chosen = _cupy(required=False) or Backend("numpy", np)
         log.info("backend auto -> %s", chosen.name)
         return chosen
-    raise PipelineError(f"config backend.name={name!r}: expected one of {CHOICES}")
+    raise PipelineError(f"config backend.name={name!r}: expected one of {BACKENDS}")
 
 
 def _cupy(required):

@@ -104,11 +104,10 @@ def reopened_run(cfg, model_dir):
     open_store()
     run_file = Path(model_dir) / RUN_FILE
     run_id = json.loads(run_file.read_text())["run_id"] if run_file.is_file() else None
-    try:
-        mlflow.MlflowClient().get_run(run_id or "none")
+    if run_id and _run_exists(run_id):
         run = mlflow.start_run(run_id=run_id)
         restored = False
-    except MlflowException:
+    else:
         log.warning("run %s (from %s) is not in %s; logging to a new run", run_id, run_file, tracking_uri())
         run = mlflow.start_run(experiment_id=experiment_id(cfg.mlflow.experiment))
         restored = True
@@ -117,6 +116,14 @@ def reopened_run(cfg, model_dir):
             _describe_run(cfg)
             mlflow.set_tag("restored_from_run_id", str(run_id))
         yield run
+
+
+def _run_exists(run_id):
+    try:
+        mlflow.MlflowClient().get_run(run_id)
+        return True
+    except MlflowException:
+        return False
 
 
 @contextlib.contextmanager
