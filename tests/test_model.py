@@ -18,7 +18,7 @@ def batch():
 
 
 def _loss(W, b, X, onehot):
-    return float(model.cross_entropy(np, model.logits(np, W, b, X), onehot))
+    return float(model.cross_entropy(np, model.forward(np, [(W, b)], X)[1], onehot))
 
 
 def _grads(W, b, X, onehot):
@@ -65,11 +65,12 @@ def test_gradient_is_the_lectures_closed_form(batch):
 
 @pytest.mark.parametrize("scale", [1e4, 1e30])
 def test_softmax_and_cross_entropy_stay_finite_for_huge_logits(scale):
-    z = np.array([[scale, 0.0, -scale], [-scale, -scale, scale]], dtype=np.float32)
-    onehot = np.eye(3, dtype=np.float32)[[2, 2]]  # the first row is confidently wrong
+    # Class-major: one column per image, three classes.
+    z = np.array([[scale, 0.0, -scale], [-scale, -scale, scale]], dtype=np.float32).T
+    onehot = model.one_hot([2, 2], 3)  # the first image is confidently wrong
     p = model.softmax(np, z)
     assert np.all(np.isfinite(p))
-    np.testing.assert_allclose(p, [[1, 0, 0], [0, 0, 1]], atol=1e-6)
+    np.testing.assert_allclose(p.T, [[1, 0, 0], [0, 0, 1]], atol=1e-6)
     loss = model.cross_entropy(np, z, onehot)
     assert np.isfinite(loss)
     assert loss == pytest.approx(scale, rel=1e-5)  # (2 * scale + 0) / 2 rows
@@ -88,9 +89,9 @@ def test_one_sgd_step_lowers_the_loss(batch):
 def test_per_sample_sgd_is_the_lecture_update(batch):
     """batch_size = 1: W <- W - lr (p - onehot(y)) x^T for one image."""
     W, b, X, onehot, y = batch
-    x, t = X[:1], onehot[:1]
-    p = model.softmax(np, model.logits(np, W, b, x))[0]
-    expected = W - 0.5 * np.outer(p - t[0], x[0])
+    x, t = X[:1], onehot[:, :1]
+    p = model.softmax(np, model.forward(np, [(W, b)], x)[1])[:, 0]
+    expected = W - 0.5 * np.outer(p - t[:, 0], x[0])
     _sgd_step(W, b, x, t, lr=0.5)
     np.testing.assert_allclose(W, expected, rtol=1e-12)
 

@@ -27,7 +27,7 @@ def trained(fixture_cfg, tmp_path):
     run_id = json.loads((tmp_path / "run" / "run.json").read_text())["run_id"]
     test_x, test_y = load_split(fixture_cfg.paths.processed, "test")
     layers, _ = model.load(tmp_path / "run" / model.FILE)
-    expected = np.argmax(model.forward(np, layers, test_x)[1], axis=1)
+    expected = np.argmax(model.forward(np, layers, test_x)[1], axis=0)
     return run_id, test_x, test_y, expected
 
 

@@ -32,7 +32,7 @@ def evaluate(be, layers, test_x, test_y, num_classes):
     X, Y = be.to_device(test_x), be.to_device(model.one_hot(test_y, num_classes))
     _, z = model.forward(xp, [(be.to_device(W), be.to_device(b)) for W, b in layers], X)
     loss = float(model.cross_entropy(xp, z, Y))
-    predicted = be.to_host(xp.argmax(z, axis=1)).astype(np.int64)
+    predicted = be.to_host(xp.argmax(z, axis=0)).astype(np.int64)
     actual = np.asarray(test_y, dtype=np.int64)
     confusion = np.zeros((num_classes, num_classes), dtype=np.int64)  # rows: actual, cols: predicted
     np.add.at(confusion, (actual, predicted), 1)

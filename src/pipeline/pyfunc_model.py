@@ -15,7 +15,7 @@ class DigitClassifier(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params=None):
         X = np.asarray(model_input, dtype=np.float32).reshape(-1, 784)
         _, logits = model.forward(np, self.layers, X)
-        return np.argmax(logits, axis=1).astype(np.int64)
+        return np.argmax(logits, axis=0).astype(np.int64)
 
 
 set_model(DigitClassifier())

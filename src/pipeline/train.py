@@ -55,14 +55,16 @@ def fit(be, hp, rng, layers, train_xy, val_xy, num_classes, on_epoch=lambda epoc
         started = time.perf_counter()
         lr = learning_rate(hp, epoch)
         order = be.to_device(rng.permutation(n))
+        Y_epoch = xp.take(Y, order, axis=1)  # targets in epoch order, once: each batch's are then a slice
         batch_logits = []  # kept to score the epoch afterwards in one pass: no per-step metric work
         for start in range(0, n, batch):
-            rows = order[start:min(start + batch, n)]  # a per-batch gather keeps the copy in cache
-            grads, z = model.gradients(xp, layers, xp.take(X, rows, axis=0), xp.take(Y, rows, axis=0))
+            stop = min(start + batch, n)
+            # A per-batch gather of the images keeps the copy in cache for the two matrix products.
+            grads, z = model.gradients(xp, layers, xp.take(X, order[start:stop], axis=0), Y_epoch[:, start:stop])
             optimizer.step(layers, grads, lr)
             batch_logits.append(z)
         # Train metrics: each image scored by the model as it was when that image was trained on.
-        train_loss, train_accuracy = model.scores(xp, xp.concat(batch_logits, axis=0), xp.take(Y, order, axis=0))
+        train_loss, train_accuracy = model.scores(xp, xp.concat(batch_logits, axis=1), Y_epoch)
         val_loss, val_accuracy = model.loss_and_accuracy(xp, layers, X_val, Y_val)
         row = {"epoch": epoch, "train/loss": float(train_loss), "train/accuracy": float(train_accuracy),
                "val/loss": float(val_loss), "val/accuracy": float(val_accuracy)}  # one sync per epoch
