@@ -57,7 +57,7 @@ def one_hot(labels, num_classes):
 def forward(xp, layers, X):
     """(input of each layer, class-major logits (classes, n)) for images X (n, 784).
     The inputs are class-major too: the first is a transposed view of X."""
-    inputs = [xp.matrix_transpose(X)]
+    inputs = [X.T]
     for W, b in layers[:-1]:
         z = _affine(W, b, inputs[-1])
         inputs.append(xp.where(z > 0, z, xp.zeros_like(z)))  # ReLU
@@ -75,8 +75,14 @@ def softmax(xp, z):
     """Softmax over the classes (axis 0) of class-major logits."""
     # Shifting by the column max keeps exp() finite for huge logits; p is unchanged.
     p = xp.exp(z - xp.max(z, axis=0))
-    p /= xp.sum(p, axis=0)
+    p /= _column_sums(xp, p)
     return p
+
+
+def _column_sums(xp, a):
+    """xp.sum(a, axis=0) as a vector-matrix product: for the small arrays of a
+    training step it costs a third of NumPy's general reduction (2 us against 6)."""
+    return xp.ones_like(a[:, 0]) @ a
 
 
 def cross_entropy(xp, z, onehot):
@@ -98,7 +104,7 @@ def gradients(xp, layers, X, onehot):
     for i in range(len(layers) - 1, -1, -1):
         grads.append(_summed_over_batch(xp, delta, inputs[i]))
         if i:  # through W, then through the ReLU that made inputs[i]
-            delta = xp.matrix_transpose(layers[i][0]) @ delta
+            delta = layers[i][0].T @ delta
             delta = xp.where(inputs[i] > 0, delta, xp.zeros_like(delta))
     return grads[::-1], z
 
@@ -108,18 +114,19 @@ def _summed_over_batch(xp, delta, inputs):
     lecture's batch_size=1) this is an outer product, which broadcasting does
     several times faster than a rank-1 matrix product, and the sum is a column."""
     if delta.shape[1] == 1:
-        return delta * xp.matrix_transpose(inputs), delta[:, 0]
-    return delta @ xp.matrix_transpose(inputs), xp.sum(delta, axis=1)
+        return delta * inputs.T, delta[:, 0]
+    return delta @ inputs.T, _column_sums(xp, delta.T)
 
 
-def scores(xp, z, onehot):
-    """Device scalars (no host sync) of class-major logits z: mean loss and fraction classified right."""
-    hits = xp.argmax(z, axis=0) == xp.argmax(onehot, axis=0)
+def scores(xp, z, onehot, labels):
+    """Device scalars (no host sync) of class-major logits z: mean loss and fraction
+    classified right. The labels are the onehot's too, given so that no argmax of it is paid."""
+    hits = xp.argmax(z, axis=0) == labels
     return cross_entropy(xp, z, onehot), xp.mean(xp.astype(hits, xp.float32))
 
 
-def loss_and_accuracy(xp, layers, X, onehot):
-    return scores(xp, forward(xp, layers, X)[1], onehot)
+def loss_and_accuracy(xp, layers, X, onehot, labels):
+    return scores(xp, forward(xp, layers, X)[1], onehot, labels)
 
 
 def save(path, layers, config_json):
