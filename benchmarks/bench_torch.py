@@ -2,15 +2,19 @@
 
     pip install -e '.[bench]'      # torch==2.13.0, CPU build
     dvc repro normalise            # the real MNIST in data/processed/
-    python benchmarks/bench_torch.py [--epochs 3] [--threads 1]
+    python benchmarks/bench_torch.py [--epochs 3] [--rounds 3] [--threads 1]
 
 Same data (55,000 training images, 5,000 validation), same model, same batch
 size and epochs, same BLAS thread count, measured in one run. Our figure is a
-whole `fit` (shuffles, SGD steps, per-epoch training and validation metrics)
-plus logging every epoch to a throwaway MLflow SQLite store, exactly as the
-train stage does. PyTorch's loop shuffles, steps and validates every epoch.
-The floor is one pass of the same matrix products over the whole training set
-as a few large calls: no training loop can touch the data for less.
+whole `fit` epoch (shuffle, SGD steps, training and validation metrics) plus
+logging it to a throwaway MLflow SQLite store, exactly as the train stage does;
+the work done once per run before the first epoch (device copies, targets,
+pixel codes) is printed apart as "setup". PyTorch's loop shuffles, steps and
+validates every epoch. The floor is one pass of the same matrix products over
+the whole training set as a few large calls: no training loop can touch the
+data for less. The contenders take turns for --rounds rounds and each figure
+is the median over all their epochs, so a slow spell of a shared machine
+lands on all of them rather than on whichever ran during it.
 """
 
 import argparse
