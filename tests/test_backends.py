@@ -12,7 +12,7 @@ from pipeline import backend, model
 from pipeline.backend import Backend
 from pipeline.errors import PipelineError
 from pipeline.optim import SGD
-from pipeline.train import fit, pixel_codes
+from pipeline.train import CODES_MIN_BATCH, fit, pixel_codes
 
 NUMPY = Backend("numpy", np)
 STRICT = {dev: Backend("array_api_strict", array_api_strict, array_api_strict.Device(dev))
@@ -82,16 +82,17 @@ def test_strict_gradient_matches_finite_differences_in_float64():
 @pytest.mark.parametrize("pixels", ["float", "8-bit"])
 def test_a_short_training_run_on_strict_equals_numpy(device, pixels):
     be = STRICT[device]
-    X, y = _data()
+    X, y = _data(n=1300)
     if pixels == "8-bit":  # k / 255, as normalise writes them: fit gathers from uint8 codes
         X = np.rint(np.clip(X / 3, 0, 1) * 255).astype(np.uint8).astype(np.float32) / np.float32(255)
         assert pixel_codes(X) is not None
-    train_xy, val_xy = (X[:250], y[:250]), (X[250:], y[250:])
+    hp = _hp(batch_size=CODES_MIN_BATCH, epochs=4)  # big enough batches for fit to gather from the codes
+    train_xy, val_xy = (X[:1200], y[:1200]), (X[1200:], y[1200:])
     runs = []
     for b in (NUMPY, be):
         rng = np.random.default_rng(0)
         layers = [(b.to_device(W), b.to_device(bias)) for W, bias in model.init_params(rng, [784, 32, 10])]
-        history = fit(b, _hp(), rng, layers, train_xy, val_xy, 10)
+        history = fit(b, hp, rng, layers, train_xy, val_xy, 10)
         runs.append((history, _host_layers(b, layers)))
     (hist_np, layers_np), (hist_st, layers_st) = runs
     assert hist_np == hist_st

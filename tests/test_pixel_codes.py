@@ -46,7 +46,7 @@ def test_one_wrong_pixel_in_a_late_chunk_gets_no_codes():
 def test_training_from_codes_equals_training_from_float32(monkeypatch):
     rng = np.random.default_rng(1)
     X, y = _eight_bit(rng, 600), rng.integers(0, 10, size=600)
-    hp = SimpleNamespace(lr=0.1, epochs=2, batch_size=64, momentum=0.9, nesterov=False, weight_decay=0.0,
+    hp = SimpleNamespace(lr=0.1, epochs=2, batch_size=train.CODES_MIN_BATCH, momentum=0.9, nesterov=False, weight_decay=0.0,
                          schedule="constant", step_epochs=1, gamma=1.0)
     runs = []
     for codes in (True, False):
