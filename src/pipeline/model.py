@@ -15,9 +15,8 @@ Images come in as rows (n, 784), as stored; everything after is class-major,
 one column per image, as in the formulas: logits, targets and hidden
 activations are (units, n). The sums over the 10 classes (softmax, loss,
 argmax) then run along axis 0, across contiguous rows, which NumPy does 2-3x
-faster than along the short axis 1 of an (n, 10) array; in the hot loop of
-softmax regression that is the difference between the small calls and the
-matrix products being the cost.
+faster than along the short axis 1 of an (n, 10) array: in the hot loop of
+softmax regression those small calls cost as much as the matrix products.
 
 A model is a list of (W, b) layers. Every function takes the array namespace
 `xp` first and uses only array-API calls, so NumPy, CuPy and array-api-strict
@@ -114,7 +113,8 @@ def _summed_over_batch(xp, delta, inputs):
 
 def scores(xp, z, onehot, labels):
     """Device scalars (no host sync) of class-major logits z: mean loss and fraction
-    classified right. The labels are the onehot's too, given so that no argmax of it is paid."""
+    classified right. `labels` are the one-hot targets as integers (taking them
+    from the one-hot would cost an argmax over the epoch)."""
     hits = xp.argmax(z, axis=0) == labels
     return cross_entropy(xp, z, onehot), xp.mean(xp.astype(hits, xp.float32))
 

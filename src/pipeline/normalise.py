@@ -19,6 +19,7 @@ from pipeline.idx import IdxError, read_images, read_labels
 log = logging.getLogger(__name__)
 
 SPLIT_NAMES = ("train", "val", "test")
+PIXEL_MAX = 255  # an 8-bit pixel k becomes k / PIXEL_MAX in float32
 
 
 def normalise(data, raw_dir, out_dir):
@@ -51,7 +52,7 @@ def _read_pair(raw_dir, images_spec, labels_spec, num_classes):
     labels = read_labels(labels_path, num_classes)
     if len(images) != len(labels):
         raise IdxError(labels_path, "count", f"{len(images)} (the image count of {images_path.name})", len(labels))
-    pixels = images.reshape(len(images), -1).astype(np.float32) / np.float32(255)
+    pixels = images.reshape(len(images), -1).astype(np.float32) / np.float32(PIXEL_MAX)
     return pixels, labels
 
 

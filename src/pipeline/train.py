@@ -30,7 +30,7 @@ from pipeline import backend, evaluate, export_filters, model, serving, tracking
 from pipeline.config import CONF_DIR, output_dir, validate
 from pipeline.errors import PipelineError, exit_on_pipeline_error
 from pipeline.files import write_text
-from pipeline.normalise import load_split
+from pipeline.normalise import PIXEL_MAX, load_split
 from pipeline.optim import SGD, learning_rate
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def fit(be, hp, rng, layers, train_xy, val_xy, num_classes, on_epoch=lambda epoc
             images = xp.take(X, order[start:stop], axis=0)
             if codes is not None:  # the float32 pixels of normalise, bit for bit
                 images = xp.astype(images, xp.float32)
-                images /= 255
+                images /= PIXEL_MAX
             grads, z = model.gradients(xp, layers, images, Y_epoch[:, start:stop])
             optimizer.step(layers, grads, lr)
             batch_logits.append(z)
@@ -94,21 +94,21 @@ def fit(be, hp, rng, layers, train_xy, val_xy, num_classes, on_epoch=lambda epoc
 
 
 def pixel_codes(images, chunk=2048):
-    """uint8 codes k with images == k / 255 (float32) exactly, or None if the images
-    are not 8-bit pixels. Gathering minibatches is bound by memory reads: from the
+    """uint8 codes k with images == k / PIXEL_MAX (float32) exactly, or None if the
+    images are not 8-bit pixels. Gathering minibatches is bound by memory reads: from the
     codes it reads a quarter of the bytes (43 MB for the training set, mostly in
-    cache, against 172 MB), and k / 255 is the same division normalise did. Checked
+    cache, against 172 MB), and k / PIXEL_MAX is the same division normalise did. Checked
     in chunks that stay in cache (about 0.1 s for the training set)."""
     if images.dtype != np.float32:
         return None
     codes = np.empty(images.shape, dtype=np.uint8)
     for start in range(0, len(images), chunk):
         part = images[start:start + chunk]
-        scaled = np.rint(part * np.float32(255))
-        if not (np.all(scaled >= 0) and np.all(scaled <= 255)):
+        scaled = np.rint(part * np.float32(PIXEL_MAX))
+        if not (np.all(scaled >= 0) and np.all(scaled <= PIXEL_MAX)):
             return None
         codes[start:start + chunk] = scaled
-        if not np.array_equal(codes[start:start + chunk].astype(np.float32) / np.float32(255), part):
+        if not np.array_equal(codes[start:start + chunk].astype(np.float32) / np.float32(PIXEL_MAX), part):
             return None
     return codes
 
