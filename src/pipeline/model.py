@@ -15,8 +15,8 @@ Images come in as rows (n, 784), as stored; everything after is class-major,
 one column per image, as in the formulas: logits, targets and hidden
 activations are (units, n). The sums over the 10 classes (softmax, loss,
 argmax) then run along axis 0, across contiguous rows, which NumPy does 2-3x
-faster than along the short axis 1 of an (n, 10) array: in the hot loop of
-softmax regression those small calls cost as much as the matrix products.
+faster than along the short axis 1 of an (n, 10) array, and in the hot loop
+of softmax regression these small calls are a large share of each step.
 
 A model is a list of (W, b) layers. Every function takes the array namespace
 `xp` first and uses only array-API calls, so NumPy, CuPy and array-api-strict
