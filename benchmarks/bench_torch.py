@@ -44,7 +44,7 @@ def ours(hidden, data, epochs, batch=128):
     import mlflow
 
     from pipeline import backend, model
-    from pipeline.train import fit
+    from pipeline.trainer import fit
 
     be = backend.select("numpy")
     with tempfile.TemporaryDirectory() as tmp:

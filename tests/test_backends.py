@@ -12,7 +12,7 @@ from pipeline import backend, model
 from pipeline.backend import Backend
 from pipeline.errors import PipelineError
 from pipeline.optim import SGD
-from pipeline.train import CODES_MIN_BATCH, fit, pixel_codes
+from pipeline.trainer import CODES_MIN_BATCH, fit, pixel_codes
 
 NUMPY = Backend("numpy", np)
 STRICT = {dev: Backend("array_api_strict", array_api_strict, array_api_strict.Device(dev))

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from pipeline import model, train
+from pipeline import model, trainer
 from pipeline.backend import Backend
 
 NUMPY = Backend("numpy", np)
@@ -19,7 +19,7 @@ def _eight_bit(rng, n):
 
 def test_codes_round_trip_every_pixel_value_exactly():
     images = np.arange(256, dtype=np.uint8).astype(np.float32)[None, :] / np.float32(255)
-    codes = train.pixel_codes(images)
+    codes = trainer.pixel_codes(images)
     assert codes.dtype == np.uint8
     np.testing.assert_array_equal(codes[0], np.arange(256))
     decoded = codes.astype(np.float32)
@@ -34,27 +34,27 @@ def test_codes_round_trip_every_pixel_value_exactly():
     np.zeros((3, 784), dtype=np.float64),                 # not float32
 ], ids=["between-codes", "above-1", "negative", "float64"])
 def test_images_that_are_not_8_bit_pixels_get_no_codes(images):
-    assert train.pixel_codes(images) is None
+    assert trainer.pixel_codes(images) is None
 
 
 def test_one_wrong_pixel_in_a_late_chunk_gets_no_codes():
     images = _eight_bit(np.random.default_rng(0), 5000)
     images[4999, 783] = np.nextafter(images[4999, 783], np.float32(2))
-    assert train.pixel_codes(images, chunk=1024) is None
+    assert trainer.pixel_codes(images, chunk=1024) is None
 
 
 def test_training_from_codes_equals_training_from_float32(monkeypatch):
     rng = np.random.default_rng(1)
     X, y = _eight_bit(rng, 600), rng.integers(0, 10, size=600)
-    hp = SimpleNamespace(lr=0.1, epochs=2, batch_size=train.CODES_MIN_BATCH, momentum=0.9, nesterov=False, weight_decay=0.0,
+    hp = SimpleNamespace(lr=0.1, epochs=2, batch_size=trainer.CODES_MIN_BATCH, momentum=0.9, nesterov=False, weight_decay=0.0,
                          schedule="constant", step_epochs=1, gamma=1.0)
     runs = []
     for codes in (True, False):
         if not codes:
-            monkeypatch.setattr(train, "pixel_codes", lambda images: None)
+            monkeypatch.setattr(trainer, "pixel_codes", lambda images: None)
         init = np.random.default_rng(0)
         layers = model.init_params(init, [784, 16, 10])
-        history = train.fit(NUMPY, hp, init, layers, (X[:500], y[:500]), (X[500:], y[500:]), 10)
+        history = trainer.fit(NUMPY, hp, init, layers, (X[:500], y[:500]), (X[500:], y[500:]), 10)
         runs.append((history, layers))
     (hist_codes, layers_codes), (hist_float, layers_float) = runs
     assert hist_codes == hist_float
