@@ -1,5 +1,7 @@
 """The trainer gathers minibatches from uint8 pixel codes when the images are
-8-bit pixels: the float32 it trains on must be normalise's, bit for bit."""
+8-bit pixels: the codes must be exactly normalise's pixels times 255, and
+training from them (scale 1/255 folded into the logits and the gradient) must
+match training from the float32 pixels up to float32 rounding."""
 
 from types import SimpleNamespace
 
@@ -22,9 +24,7 @@ def test_codes_round_trip_every_pixel_value_exactly():
     codes = trainer.pixel_codes(images)
     assert codes.dtype == np.uint8
     np.testing.assert_array_equal(codes[0], np.arange(256))
-    decoded = codes.astype(np.float32)
-    decoded /= 255  # what fit does to each gathered batch
-    np.testing.assert_array_equal(decoded, images)
+    np.testing.assert_array_equal(codes.astype(np.float32) / np.float32(255), images)
 
 
 @pytest.mark.parametrize("images", [
@@ -43,7 +43,7 @@ def test_one_wrong_pixel_in_a_late_chunk_gets_no_codes():
     assert trainer.pixel_codes(images, chunk=1024) is None
 
 
-def test_training_from_codes_equals_training_from_float32(monkeypatch):
+def test_training_from_codes_matches_training_from_float32(monkeypatch):
     rng = np.random.default_rng(1)
     X, y = _eight_bit(rng, 600), rng.integers(0, 10, size=600)
     hp = SimpleNamespace(lr=0.1, epochs=2, batch_size=trainer.CODES_MIN_BATCH, momentum=0.9, nesterov=False, weight_decay=0.0,
@@ -57,7 +57,22 @@ def test_training_from_codes_equals_training_from_float32(monkeypatch):
         history = trainer.fit(NUMPY, hp, init, layers, (X[:500], y[:500]), (X[500:], y[500:]), 10)
         runs.append((history, layers))
     (hist_codes, layers_codes), (hist_float, layers_float) = runs
-    assert hist_codes == hist_float
+    for row_codes, row_float in zip(hist_codes, hist_float, strict=True):
+        assert row_codes == pytest.approx(row_float, rel=1e-5)
     for (W1, b1), (W2, b2) in zip(layers_codes, layers_float):
-        np.testing.assert_array_equal(W1, W2)
-        np.testing.assert_array_equal(b1, b2)
+        np.testing.assert_allclose(W1, W2, rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(b1, b2, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("hidden", [[], [16]], ids=["softmax", "mlp"])
+@pytest.mark.parametrize("n", [1, 32])  # batch 1 takes the outer-product path
+def test_gradients_with_an_input_scale_equal_gradients_of_the_scaled_images(hidden, n):
+    rng = np.random.default_rng(2)
+    codes = rng.integers(0, 256, size=(n, 784)).astype(np.float32)
+    onehot = model.one_hot(rng.integers(0, 10, size=n), 10)
+    layers = model.init_params(rng, [784, *hidden, 10])
+    grads, z = model.gradients(np, layers, codes, onehot, input_scale=1 / 255)
+    want_grads, want_z = model.gradients(np, layers, codes / np.float32(255), onehot)
+    np.testing.assert_allclose(z, want_z, rtol=1e-5, atol=1e-6)
+    for got, want in zip(sum(grads, ()), sum(want_grads, ()), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-8)

@@ -53,19 +53,24 @@ def one_hot(labels, num_classes):
     return (np.arange(num_classes)[:, None] == np.asarray(labels)).astype(np.float32)
 
 
-def forward(xp, layers, X):
+def forward(xp, layers, X, input_scale=None):
     """(input of each layer, class-major logits (classes, n)) for images X (n, 784).
-    The inputs are class-major too: the first is a transposed view of X."""
+    The inputs are class-major too: the first is a transposed view of X. With
+    `input_scale`, the images are X * input_scale (see gradients)."""
     inputs = [X.T]
+    scale = input_scale
     for W, b in layers[:-1]:
-        z = _affine(W, b, inputs[-1])
+        z = _affine(W, b, inputs[-1], scale)
+        scale = None
         inputs.append(xp.where(z > 0, z, xp.zeros_like(z)))  # ReLU
     W, b = layers[-1]
-    return inputs, _affine(W, b, inputs[-1])
+    return inputs, _affine(W, b, inputs[-1], scale)
 
 
-def _affine(W, b, A):
+def _affine(W, b, A, scale=None):
     z = W @ A
+    if scale is not None:  # W (s A) = s (W A): scaling the few outputs, not the many inputs
+        z *= scale
     z += b[:, None]  # in place: no second (units, n) array
     return z
 
@@ -85,30 +90,36 @@ def cross_entropy(xp, z, onehot):
     return xp.mean(log_norm - xp.sum(z * onehot, axis=0))
 
 
-def gradients(xp, layers, X, onehot):
+def gradients(xp, layers, X, onehot, input_scale=None):
     """[(dL/dW, dL/db) per layer] of the mean cross-entropy over the images X
     (n, 784) with class-major targets onehot (classes, n), and the logits (so
-    the caller can score the batch without a second pass)."""
-    inputs, z = forward(xp, layers, X)
+    the caller can score the batch without a second pass). With `input_scale`
+    the images are X * input_scale: the trainer passes 8-bit pixel codes and
+    1/255, which folds the scale into the small (classes, n) arrays instead of
+    a pass over the (n, 784) batch."""
+    inputs, z = forward(xp, layers, X, input_scale)
     delta = softmax(xp, z)  # a new array: z stays the logits
     delta -= onehot
     delta /= X.shape[0]  # dL/dlogits = (p - onehot(y)) / n
     grads = []
     for i in range(len(layers) - 1, -1, -1):
-        grads.append(_summed_over_batch(xp, delta, inputs[i]))
+        grads.append(_summed_over_batch(xp, delta, inputs[i], input_scale if i == 0 else None))
         if i:  # through W, then through the ReLU that made inputs[i]
             delta = layers[i][0].T @ delta
             delta = xp.where(inputs[i] > 0, delta, xp.zeros_like(delta))
     return grads[::-1], z
 
 
-def _summed_over_batch(xp, delta, inputs):
-    """(delta inputs^T, sum of delta over the batch). For a single sample (the
-    lecture's batch_size=1) this is an outer product, which broadcasting does
+def _summed_over_batch(xp, delta, inputs, scale=None):
+    """(delta (inputs * scale)^T, sum of delta over the batch). For a single sample
+    (the lecture's batch_size=1) this is an outer product, which broadcasting does
     several times faster than a rank-1 matrix product, and the sum is a column."""
+    summed = delta[:, 0] if delta.shape[1] == 1 else xp.sum(delta, axis=1)
+    if scale is not None:
+        delta = delta * scale
     if delta.shape[1] == 1:
-        return delta * inputs.T, delta[:, 0]
-    return delta @ inputs.T, xp.sum(delta, axis=1)
+        return delta * inputs.T, summed
+    return delta @ inputs.T, summed
 
 
 def scores(xp, z, onehot, labels):

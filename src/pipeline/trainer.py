@@ -38,6 +38,7 @@ def fit(be, hp, rng, layers, train_xy, val_xy, num_classes, on_epoch=lambda epoc
     codes = pixel_codes(train_xy[0]) if hp.batch_size >= CODES_MIN_BATCH else None
     X, labels, Y = _on_device(be, (train_xy[0] if codes is None else codes, train_xy[1]), num_classes)
     X_val, labels_val, Y_val = _on_device(be, val_xy, num_classes)
+    scale = None if codes is None else 1 / PIXEL_MAX
     optimizer = SGD(xp, layers, hp.momentum, hp.nesterov, hp.weight_decay)
     n, batch = X.shape[0], hp.batch_size
     history = []
@@ -52,10 +53,9 @@ def fit(be, hp, rng, layers, train_xy, val_xy, num_classes, on_epoch=lambda epoc
             stop = min(start + batch, n)
             # A per-batch gather of the images keeps the copy in cache for the two matrix products.
             images = xp.take(X, order[start:stop], axis=0)
-            if codes is not None:  # the float32 pixels of normalise, bit for bit
+            if codes is not None:
                 images = xp.astype(images, xp.float32)
-                images /= PIXEL_MAX
-            grads, z = model.gradients(xp, layers, images, Y_epoch[:, start:stop])
+            grads, z = model.gradients(xp, layers, images, Y_epoch[:, start:stop], scale)
             optimizer.step(layers, grads, lr)
             batch_logits.append(z)
         # Train metrics: each image scored by the model as it was when that image was trained on.
