@@ -34,10 +34,13 @@ def fit(be, hp, rng, layers, train_xy, val_xy, num_classes, on_epoch=lambda epoc
     """Train `layers` (device arrays) in place; return one row of metrics per epoch."""
     xp = be.xp
     # Work done once, outside the hot loop: images, labels and one-hot targets go to the device.
-    # 8-bit pixels go as their uint8 codes: each minibatch's gather then reads a quarter of the bytes.
+    # 8-bit pixels go as their uint8 codes: each minibatch's gather then reads a quarter of the
+    # bytes, and normalise's 1/255 scales the logits and the gradient, not every pixel of the batch.
     codes = pixel_codes(train_xy[0]) if hp.batch_size >= CODES_MIN_BATCH else None
-    X, labels, Y = _on_device(be, (train_xy[0] if codes is None else codes, train_xy[1]), num_classes)
-    X_val, labels_val, Y_val = _on_device(be, val_xy, num_classes)
+    X, labels = _on_device(be, (train_xy[0] if codes is None else codes, train_xy[1]))
+    X_val, labels_val = _on_device(be, val_xy)
+    classes = be.to_device(np.arange(num_classes)[:, None])
+    Y_val = xp.astype(classes == labels_val, xp.float32)  # class-major one-hot targets
     scale = None if codes is None else 1 / PIXEL_MAX
     optimizer = SGD(xp, layers, hp.momentum, hp.nesterov, hp.weight_decay)
     n, batch = X.shape[0], hp.batch_size
@@ -46,8 +49,10 @@ def fit(be, hp, rng, layers, train_xy, val_xy, num_classes, on_epoch=lambda epoc
         started = time.perf_counter()
         lr = learning_rate(hp, epoch)
         order = be.to_device(rng.permutation(n))
-        # Targets in epoch order, once: each batch's are then a slice.
-        Y_epoch, labels_epoch = xp.take(Y, order, axis=1), xp.take(labels, order)
+        # Targets in epoch order, once: each batch's are then a slice. Building the one-hot
+        # from the shuffled labels reads far less memory than shuffling a stored one-hot.
+        labels_epoch = xp.take(labels, order)
+        Y_epoch = xp.astype(classes == labels_epoch, xp.float32)
         batch_logits = []  # kept to score the epoch afterwards in one pass: no per-step metric work
         for start in range(0, n, batch):
             stop = min(start + batch, n)
@@ -81,8 +86,8 @@ def pixel_codes(images, chunk=2048):
     """uint8 codes k with images == k / PIXEL_MAX (float32) exactly, or None if the
     images are not 8-bit pixels. Gathering minibatches is bound by memory reads: from the
     codes it reads a quarter of the bytes (43 MB for the training set, mostly in
-    cache, against 172 MB), and k / PIXEL_MAX is the same division normalise did. Checked
-    in chunks that stay in cache (about 0.1 s for the training set)."""
+    cache, against 172 MB). Checked in chunks that stay in cache (about 0.1 s for the
+    training set)."""
     if images.dtype != np.float32:
         return None
     codes = np.empty(images.shape, dtype=np.uint8)
@@ -97,8 +102,7 @@ def pixel_codes(images, chunk=2048):
     return codes
 
 
-def _on_device(be, split, num_classes):
-    """Images, labels and class-major one-hot targets of one split, on the device."""
+def _on_device(be, split):
+    """Images and integer labels of one split, on the device."""
     images, labels = split
-    return (be.to_device(images), be.to_device(np.asarray(labels, dtype=np.int64)),
-            be.to_device(model.one_hot(labels, num_classes)))
+    return be.to_device(images), be.to_device(np.asarray(labels, dtype=np.int64))
