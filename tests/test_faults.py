@@ -303,6 +303,9 @@ def test_interrupted_training_is_killed_cleanly(fixture_overrides, fixture_cfg, 
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.endswith(".tmp")]
     run = _only_run()
     assert run.info.status == "KILLED" and "interrupted" in run.data.tags["failure_reason"]
+    # The epochs finished before the signal are in the run (their buffered metrics were written).
+    steps = [m.step for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "val/loss")]
+    assert len(steps) >= 3 and steps == list(range(1, len(steps) + 1))
 
 
 def test_interrupted_dvc_repro_then_the_next_repro_completes(repo_copy):

@@ -12,9 +12,11 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import mlflow
+from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from omegaconf import OmegaConf
 
@@ -118,6 +120,49 @@ def reopened_run(cfg, model_dir):
         yield run
 
 
+class EpochLog:
+    """Per-epoch metrics for the active run, written in batches: one store write
+    (MlflowClient.log_batch) when `every_s` seconds have passed since the last,
+    and one on close, also when training failed. Each metric keeps its epoch as
+    step and the time the epoch ended. Why: an epoch of softmax regression takes
+    about 0.15 s; one write to the SQLite store took 13-14 ms here (6 epochs in
+    one batch: 23 ms), and MLflow's own background logging slowed each epoch by
+    17 ms (its thread competes for the GIL). The UI still sees the curves grow
+    every `every_s` seconds."""
+
+    MAX_PENDING = 1000  # MLflow's limit of metrics per batch
+
+    def __init__(self, every_s=1.0):
+        self.every_s = every_s
+        self.run_id = mlflow.active_run().info.run_id
+        self.pending = []
+        self.written_at = time.monotonic()
+
+    def __call__(self, epoch, row):
+        stamp = int(time.time() * 1000)
+        self.pending += [Metric(key, value, stamp, epoch) for key, value in row.items() if key != "epoch"]
+        if time.monotonic() - self.written_at >= self.every_s or len(self.pending) + len(row) > self.MAX_PENDING:
+            self.write()
+
+    def write(self):
+        if self.pending:
+            mlflow.MlflowClient().log_batch(self.run_id, metrics=self.pending)
+            self.pending = []
+        self.written_at = time.monotonic()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if kind is None:
+            self.write()
+            return
+        try:  # the curves up to the failure belong in the failed run
+            self.write()
+        except Exception as write_error:  # the training's own error is the one to report
+            log.warning("could not write the last epochs' metrics to MLflow: %s", write_error)
+
+
 def _run_exists(run_id):
     try:
         mlflow.MlflowClient().get_run(run_id)
@@ -135,7 +180,6 @@ def _ended_with_status():
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         yield
-        mlflow.flush_async_logging()  # per-epoch metrics are logged in the background
     except KeyboardInterrupt:
         mlflow.set_tag("failure_reason", "interrupted by SIGINT or SIGTERM")
         mlflow.end_run("KILLED")

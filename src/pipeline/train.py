@@ -50,10 +50,8 @@ def train(cfg, out_dir):
     layers = [(be.to_device(W), be.to_device(b)) for W, b in model.init_params(rng, sizes)]
     with tracking.training_run(cfg, out_dir), threadpool_limits(limits=cfg.backend.threads):
         mlflow.set_tag("backend.resolved", be.name)
-        # Logged in the background (synchronous=False): the next epoch does not wait for the store.
-        history = fit(be, cfg.train, rng, layers, train_xy, val_xy, num_classes,
-                      on_epoch=lambda epoch, row: mlflow.log_metrics(
-                          {k: v for k, v in row.items() if k != "epoch"}, step=epoch, synchronous=False))
+        with tracking.EpochLog() as log_epoch:
+            history = fit(be, cfg.train, rng, layers, train_xy, val_xy, num_classes, on_epoch=log_epoch)
         layers = [(be.to_host(W), be.to_host(b)) for W, b in layers]
         config_json = json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True)
         model.save(out_dir / model.FILE, layers, config_json)
