@@ -1,8 +1,11 @@
 """Per-epoch metrics reach MLflow in batches (tracking.EpochLog), against a real SQLite store."""
 
+import logging
+
 import mlflow
 import pytest
 
+from pipeline.errors import PipelineError
 from pipeline.tracking import EpochLog
 
 
@@ -13,9 +16,11 @@ def store(tmp_path_factory):
 
 @pytest.fixture
 def run(store):
+    previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(store)
     with mlflow.start_run() as active:
         yield active.info.run_id
+    mlflow.set_tracking_uri(previous)
 
 
 def _row(epoch):
@@ -53,8 +58,40 @@ def test_a_failing_training_still_gets_the_epochs_it_finished(run):
     assert [step for step, _ in _steps(run)] == [1, 2]
 
 
+def _failing_writes(monkeypatch, count):
+    """The next `count` writes to the store fail; later ones go through."""
+    original, failures = mlflow.MlflowClient.log_batch, [count]
+
+    def log_batch(self, run_id, metrics, **kw):
+        if failures[0]:
+            failures[0] -= 1
+            raise mlflow.exceptions.MlflowException("database is locked")
+        return original(self, run_id, metrics=metrics, **kw)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "log_batch", log_batch)
+
+
+def test_a_write_failing_during_training_is_retried_and_training_goes_on(run, monkeypatch, caplog):
+    _failing_writes(monkeypatch, 1)
+    with caplog.at_level(logging.WARNING), EpochLog(every_s=0) as log_epoch:
+        log_epoch(1, _row(1))  # this write fails: kept for the next
+        assert _steps(run) == []
+        log_epoch(2, _row(2))
+    assert [step for step, _ in _steps(run)] == [1, 2]
+    assert "database is locked" in caplog.text
+
+
+def test_when_the_last_write_fails_after_a_failure_the_training_error_is_the_one_raised(run, monkeypatch, caplog):
+    _failing_writes(monkeypatch, 5)
+    with caplog.at_level(logging.WARNING), pytest.raises(RuntimeError, match="diverged"):
+        with EpochLog(every_s=3600) as log_epoch:
+            log_epoch(1, _row(1))
+            raise RuntimeError("diverged in epoch 2")
+    assert "could not write the last epochs' metrics" in caplog.text
+
+
 def test_a_batch_never_exceeds_mlflows_limit_of_metrics(run, monkeypatch):
-    monkeypatch.setattr(EpochLog, "MAX_PENDING", 5)  # two metrics per row: at most two rows per batch
+    monkeypatch.setattr(EpochLog, "MAX_BATCH", 3)  # two metrics per row
     batches = []
     original = mlflow.MlflowClient.log_batch
     monkeypatch.setattr(mlflow.MlflowClient, "log_batch",
@@ -63,5 +100,10 @@ def test_a_batch_never_exceeds_mlflows_limit_of_metrics(run, monkeypatch):
     with EpochLog(every_s=3600) as log_epoch:
         for epoch in range(1, 6):
             log_epoch(epoch, _row(epoch))
-    assert max(batches) <= 5 and sum(batches) == 10
+    assert batches == [3, 3, 3, 1]
     assert [step for step, _ in _steps(run)] == [1, 2, 3, 4, 5]
+
+
+def test_without_an_active_run_it_says_what_is_missing():
+    with pytest.raises(PipelineError, match="active MLflow run"):
+        EpochLog()

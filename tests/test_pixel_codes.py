@@ -48,7 +48,14 @@ def test_training_from_codes_matches_training_from_float32(monkeypatch):
     X, y = _eight_bit(rng, 600), rng.integers(0, 10, size=600)
     hp = SimpleNamespace(lr=0.1, epochs=2, batch_size=trainer.CODES_MIN_BATCH, momentum=0.9, nesterov=False, weight_decay=0.0,
                          schedule="constant", step_epochs=1, gamma=1.0)
-    runs = []
+    runs, scales = [], []
+    gradients = model.gradients
+
+    def spy(xp, layers, images, onehot, input_scale=None):  # what each step really trained on
+        scales.append((input_scale, images.min(), images.max()))
+        return gradients(xp, layers, images, onehot, input_scale)
+
+    monkeypatch.setattr(model, "gradients", spy)
     for codes in (True, False):
         if not codes:
             monkeypatch.setattr(trainer, "pixel_codes", lambda images: None)
@@ -56,6 +63,9 @@ def test_training_from_codes_matches_training_from_float32(monkeypatch):
         layers = model.init_params(init, [784, 16, 10])
         history = trainer.fit(NUMPY, hp, init, layers, (X[:500], y[:500]), (X[500:], y[500:]), 10)
         runs.append((history, layers))
+    steps = len(scales) // 2
+    assert {(scale, hi) for scale, _, hi in scales[:steps]} == {(1 / 255, 255.0)}  # codes, scaled in the model
+    assert {scale for scale, _, _ in scales[steps:]} == {None} and max(hi for *_, hi in scales[steps:]) == 1.0
     (hist_codes, layers_codes), (hist_float, layers_float) = runs
     for row_codes, row_float in zip(hist_codes, hist_float, strict=True):
         assert row_codes == pytest.approx(row_float, rel=1e-5)

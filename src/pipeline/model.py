@@ -94,9 +94,9 @@ def gradients(xp, layers, X, onehot, input_scale=None):
     """[(dL/dW, dL/db) per layer] of the mean cross-entropy over the images X
     (n, 784) with class-major targets onehot (classes, n), and the logits (so
     the caller can score the batch without a second pass). With `input_scale`
-    the images are X * input_scale: the trainer passes 8-bit pixel codes and
-    1/255, which folds the scale into the small (classes, n) arrays instead of
-    a pass over the (n, 784) batch."""
+    the images are X * input_scale: the trainer passes 8-bit pixel codes (as
+    float32) and 1/255, which applies the scale to the first layer's output and
+    its delta, (units, n) arrays, instead of a pass over the (n, 784) batch."""
     inputs, z = forward(xp, layers, X, input_scale)
     delta = softmax(xp, z)  # a new array: z stays the logits
     delta -= onehot

@@ -128,26 +128,34 @@ class EpochLog:
     about 0.15 s; one write to the SQLite store took 13-14 ms here (6 epochs in
     one batch: 23 ms), and MLflow's own background logging slowed each epoch by
     17 ms (its thread competes for the GIL). The UI still sees the curves grow
-    every `every_s` seconds."""
+    every `every_s` seconds. A write that fails during training (a server
+    hiccup, a locked SQLite file) is retried at the next interval rather than
+    ending the training; the write on close must succeed."""
 
-    MAX_PENDING = 1000  # MLflow's limit of metrics per batch
+    MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch call
 
     def __init__(self, every_s=1.0):
-        self.every_s = every_s
-        self.run_id = mlflow.active_run().info.run_id
-        self.pending = []
-        self.written_at = time.monotonic()
+        run = mlflow.active_run()
+        if run is None:
+            raise PipelineError("tracking.EpochLog needs an active MLflow run (open one with training_run)")
+        self.run_id, self.every_s = run.info.run_id, every_s
+        self.client = mlflow.MlflowClient()
+        self.pending, self.written_at = [], time.monotonic()
 
     def __call__(self, epoch, row):
         stamp = int(time.time() * 1000)
         self.pending += [Metric(key, value, stamp, epoch) for key, value in row.items() if key != "epoch"]
-        if time.monotonic() - self.written_at >= self.every_s or len(self.pending) + len(row) > self.MAX_PENDING:
-            self.write()
+        if time.monotonic() - self.written_at >= self.every_s:
+            try:
+                self.write()
+            except Exception as err:  # MlflowException, SQLAlchemy or connection errors
+                self.written_at = time.monotonic()
+                log.warning("MLflow did not take the epoch metrics (%s); trying again in %s s", err, self.every_s)
 
     def write(self):
-        if self.pending:
-            mlflow.MlflowClient().log_batch(self.run_id, metrics=self.pending)
-            self.pending = []
+        while self.pending:
+            self.client.log_batch(self.run_id, metrics=self.pending[:self.MAX_BATCH])
+            del self.pending[:self.MAX_BATCH]
         self.written_at = time.monotonic()
 
     def __enter__(self):

@@ -1,7 +1,8 @@
 """The training loop: minibatch SGD on any array backend, one row of metrics per epoch.
 
-Backend-agnostic and free of MLflow, so the train stage, the GPU check and the
-benchmarks run the very same loop without importing the tracking stack.
+Backend-agnostic, and this module does not import MLflow: the train stage, the
+benchmarks and the GPU check (which runs where MLflow is not installed) all run
+this very loop.
 Each epoch: a fresh shuffle from the host RNG, one SGD step per minibatch, then
 loss and accuracy on the training set as it trained (each image scored by the
 logits of its own step, the usual running figure) and on the validation set.
@@ -34,7 +35,7 @@ class DivergenceError(PipelineError):
 def fit(be, hp, rng, layers, train_xy, val_xy, num_classes, on_epoch=lambda epoch, row: None):
     """Train `layers` (device arrays) in place; return one row of metrics per epoch."""
     xp = be.xp
-    # Work done once, outside the hot loop: images, labels and one-hot targets go to the device.
+    # Work done once, outside the hot loop: images and labels go to the device.
     # 8-bit pixels go as their uint8 codes: each minibatch's gather then reads a quarter of the
     # bytes, and normalise's 1/255 scales the logits and the gradient, not every pixel of the batch.
     codes = pixel_codes(train_xy[0]) if hp.batch_size >= CODES_MIN_BATCH else None
@@ -76,9 +77,10 @@ def fit(be, hp, rng, layers, train_xy, val_xy, num_classes, on_epoch=lambda epoc
                 f"in epoch {epoch} with train.lr={hp.lr}; lower train.lr"
             )
         seconds = time.perf_counter() - started
+        on_epoch(epoch, dict(row, **{"time/epoch_seconds": seconds, "train/lr": lr}))
+        # After on_epoch: whoever reads this line may count on the epoch having been handed over.
         log.info("epoch %d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  (%.2f s)", epoch,
                  row["train/loss"], row["train/accuracy"], row["val/loss"], row["val/accuracy"], seconds)
-        on_epoch(epoch, dict(row, **{"time/epoch_seconds": seconds, "train/lr": lr}))
         history.append(row)
     return history
 
