@@ -62,3 +62,20 @@ def test_updates_stay_float32():
 def test_schedules(schedule, expected):
     hp = SimpleNamespace(lr=1.0, epochs=5, schedule=schedule, step_epochs=2, gamma=0.5)
     assert [learning_rate(hp, e) for e in range(1, 6)] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_a_layer_with_its_bias_folded_in_steps_like_the_separate_one(nesterov):
+    """(W, None) with the bias as W's last column (model.gradients' bias trick): same
+    update, and weight decay still leaves the bias alone."""
+    separate = _layer()
+    folded = [(np.concatenate([separate[0][0], separate[0][1][:, None]], axis=1), None)]
+    G_folded = [(np.concatenate([G[0][0], G[0][1][:, None]], axis=1), None)]
+    kw = dict(momentum=0.9, nesterov=nesterov, weight_decay=0.1)
+    opt_separate, opt_folded = SGD(np, separate, **kw), SGD(np, folded, **kw)
+    for _ in range(3):
+        opt_separate.step(separate, G, lr=0.1)
+        opt_folded.step(folded, G_folded, lr=0.1)
+    np.testing.assert_allclose(folded[0][0][:, :-1], separate[0][0], rtol=1e-6)
+    np.testing.assert_allclose(folded[0][0][:, -1], separate[0][1], rtol=1e-6)
+    assert folded[0][1] is None

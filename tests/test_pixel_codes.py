@@ -52,7 +52,7 @@ def test_training_from_codes_matches_training_from_float32(monkeypatch):
     gradients = model.gradients
 
     def spy(xp, layers, images, onehot, input_scale=None):  # what each step really trained on
-        scales.append((input_scale, images.min(), images.max()))
+        scales.append((input_scale, images.shape[1], images.max()))
         return gradients(xp, layers, images, onehot, input_scale)
 
     monkeypatch.setattr(model, "gradients", spy)
@@ -64,7 +64,7 @@ def test_training_from_codes_matches_training_from_float32(monkeypatch):
         history = trainer.fit(NUMPY, hp, init, layers, (X[:500], y[:500]), (X[500:], y[500:]), 10)
         runs.append((history, layers))
     steps = len(scales) // 2
-    assert {(scale, hi) for scale, _, hi in scales[:steps]} == {(1 / 255, 255.0)}  # codes, scaled in the model
+    assert set(scales[:steps]) == {(1 / 255, 785, 255.0)}  # codes with the bias column, scaled in the model
     assert {scale for scale, _, _ in scales[steps:]} == {None} and max(hi for *_, hi in scales[steps:]) == 1.0
     (hist_codes, layers_codes), (hist_float, layers_float) = runs
     for row_codes, row_float in zip(hist_codes, hist_float, strict=True):
@@ -85,4 +85,26 @@ def test_gradients_with_an_input_scale_equal_gradients_of_the_scaled_images(hidd
     want_grads, want_z = model.gradients(np, layers, codes / np.float32(255), onehot)
     np.testing.assert_allclose(z, want_z, rtol=1e-5, atol=1e-6)
     for got, want in zip(sum(grads, ()), sum(want_grads, ()), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize("hidden", [[], [16]], ids=["softmax", "mlp"])
+def test_gradients_with_the_bias_folded_into_w_equal_the_separate_ones(hidden):
+    """The trainer's bias trick: codes with a last column of 255, the first layer as
+    [W | b] with bias None, and the input scale 1/255 that makes that column 1."""
+    rng = np.random.default_rng(3)
+    codes = rng.integers(0, 256, size=(32, 784)).astype(np.float32)
+    onehot = model.one_hot(rng.integers(0, 10, size=32), 10)
+    layers = model.init_params(rng, [784, *hidden, 10])
+    layers[0] = (layers[0][0], rng.normal(0, 0.1, layers[0][1].shape).astype(np.float32))  # a bias to see
+    folded = [(np.concatenate([layers[0][0], layers[0][1][:, None]], axis=1), None), *layers[1:]]
+    with_ones = np.concatenate([codes, np.full((32, 1), 255, np.float32)], axis=1)
+    grads, z = model.gradients(np, folded, with_ones, onehot, input_scale=1 / 255)
+    want_grads, want_z = model.gradients(np, layers, codes / np.float32(255), onehot)
+    np.testing.assert_allclose(z, want_z, rtol=1e-5, atol=1e-6)
+    (gW, gb), *rest = grads
+    assert gb is None
+    np.testing.assert_allclose(gW[:, :-1], want_grads[0][0], rtol=1e-4, atol=1e-8)
+    np.testing.assert_allclose(gW[:, -1], want_grads[0][1], rtol=1e-4, atol=1e-8)
+    for got, want in zip(sum(rest, ()), sum(want_grads[1:], ()), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-8)

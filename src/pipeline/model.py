@@ -71,7 +71,8 @@ def _affine(W, b, A, scale=None):
     z = W @ A
     if scale is not None:  # W (s A) = s (W A): scaling the few outputs, not the many inputs
         z *= scale
-    z += b[:, None]  # in place: no second (units, n) array
+    if b is not None:  # None: the bias is W's last column (see gradients)
+        z += b[:, None]  # in place: no second (units, n) array
     return z
 
 
@@ -93,33 +94,41 @@ def cross_entropy(xp, z, onehot):
 def gradients(xp, layers, X, onehot, input_scale=None):
     """[(dL/dW, dL/db) per layer] of the mean cross-entropy over the images X
     (n, 784) with class-major targets onehot (classes, n), and the logits (so
-    the caller can score the batch without a second pass). With `input_scale`
-    the images are X * input_scale: the trainer passes 8-bit pixel codes (as
-    float32) and 1/255, which applies the scale to the first layer's output and
-    its delta, (units, n) arrays, instead of a pass over the (n, 784) batch."""
+    the caller can score the batch without a second pass).
+
+    Two options serve the trainer's 8-bit pixels. With `input_scale` the images
+    are X * input_scale: the trainer passes pixel codes (as float32) and 1/255,
+    and the scale is applied to the first layer's output and delta, (units, n)
+    arrays, instead of a pass over the (n, 784) batch. A layer given as (W, None)
+    has its bias folded into W's last column, the "bias trick": its inputs end
+    in a constant column (the trainer's codes end in 255, which the scale makes
+    1), so W x covers W x + b and dL/dW covers dL/db, and a step needs no
+    separate bias add, bias-gradient sum or bias update."""
     inputs, z = forward(xp, layers, X, input_scale)
     delta = softmax(xp, z)  # a new array: z stays the logits
-    delta -= onehot
-    delta /= X.shape[0]  # dL/dlogits = (p - onehot(y)) / n
+    delta -= onehot  # n dL/dlogits = p - onehot(y); each layer's gradient applies the 1/n
+    n = X.shape[0]
     grads = []
     for i in range(len(layers) - 1, -1, -1):
-        grads.append(_summed_over_batch(xp, delta, inputs[i], input_scale if i == 0 else None))
+        W, b = layers[i]
+        grads.append(_layer_gradient(xp, delta, inputs[i], n, input_scale if i == 0 else None, b is None))
         if i:  # through W, then through the ReLU that made inputs[i]
-            delta = layers[i][0].T @ delta
+            delta = W.T @ delta
             delta = xp.where(inputs[i] > 0, delta, xp.zeros_like(delta))
     return grads[::-1], z
 
 
-def _summed_over_batch(xp, delta, inputs, scale=None):
-    """(delta (inputs * scale)^T, sum of delta over the batch). For a single sample
-    (the lecture's batch_size=1) this is an outer product, which broadcasting does
-    several times faster than a rank-1 matrix product, and the sum is a column."""
-    summed = delta[:, 0] if delta.shape[1] == 1 else xp.sum(delta, axis=1)
-    if scale is not None:
-        delta = delta * scale
-    if delta.shape[1] == 1:
-        return delta * inputs.T, summed
-    return delta @ inputs.T, summed
+def _layer_gradient(xp, delta, inputs, n, scale, bias_folded):
+    """(dL/dW, dL/db) of one layer from delta = n dL/dz (units, n) and its inputs
+    (fan_in, n) times `scale`. For a single sample (the lecture's batch_size=1)
+    dL/dW is an outer product, which broadcasting does several times faster than
+    a rank-1 matrix product. With the bias folded into W, dL/db is None."""
+    weighted = delta * ((1.0 if scale is None else scale) / n)
+    grad_W = weighted * inputs.T if n == 1 else weighted @ inputs.T
+    if bias_folded:
+        return grad_W, None
+    per_image = weighted if scale is None else delta * (1.0 / n)  # dL/dz
+    return grad_W, (per_image[:, 0] if n == 1 else xp.sum(per_image, axis=1))
 
 
 def scores(xp, z, onehot, labels):

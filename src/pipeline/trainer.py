@@ -39,12 +39,15 @@ def fit(be, hp, rng, layers, train_xy, val_xy, num_classes, on_epoch=lambda epoc
     # 8-bit pixels go as their uint8 codes: each minibatch's gather then reads a quarter of the
     # bytes, and normalise's 1/255 scales the logits and the gradient, not every pixel of the batch.
     codes = pixel_codes(train_xy[0]) if hp.batch_size >= CODES_MIN_BATCH else None
+    if codes is not None:  # a constant last pixel for the bias trick (model.gradients): 255 * 1/255
+        codes = np.concatenate([codes, np.full((len(codes), 1), PIXEL_MAX, dtype=np.uint8)], axis=1)
     X, labels = _on_device(be, (train_xy[0] if codes is None else codes, train_xy[1]))
     X_val, labels_val = _on_device(be, val_xy)
     classes = be.to_device(np.arange(num_classes)[:, None])
     Y_val = xp.astype(classes == labels_val, xp.float32)  # class-major one-hot targets
     scale = None if codes is None else 1 / PIXEL_MAX
-    optimizer = SGD(xp, layers, hp.momentum, hp.nesterov, hp.weight_decay)
+    trained = layers if codes is None else _fold_bias(xp, layers)
+    optimizer = SGD(xp, trained, hp.momentum, hp.nesterov, hp.weight_decay)
     n, batch = X.shape[0], hp.batch_size
     history = []
     for epoch in range(1, hp.epochs + 1):
@@ -62,13 +65,13 @@ def fit(be, hp, rng, layers, train_xy, val_xy, num_classes, on_epoch=lambda epoc
             images = xp.take(X, order[start:stop], axis=0)
             if codes is not None:
                 images = xp.astype(images, xp.float32)
-            grads, z = model.gradients(xp, layers, images, Y_epoch[:, start:stop], scale)
-            optimizer.step(layers, grads, lr)
+            grads, z = model.gradients(xp, trained, images, Y_epoch[:, start:stop], scale)
+            optimizer.step(trained, grads, lr)
             batch_logits.append(z)
         # Train metrics: each image scored by the model as it was when that image was trained on.
         train_loss, train_accuracy = model.scores(
             xp, xp.concat(batch_logits, axis=1), Y_epoch, labels_epoch)
-        val_loss, val_accuracy = model.loss_and_accuracy(xp, layers, X_val, Y_val, labels_val)
+        val_loss, val_accuracy = model.loss_and_accuracy(xp, _unfold_bias(trained), X_val, Y_val, labels_val)
         row = {"epoch": epoch, "train/loss": float(train_loss), "train/accuracy": float(train_accuracy),
                "val/loss": float(val_loss), "val/accuracy": float(val_accuracy)}  # one sync per epoch
         if not all(math.isfinite(row[key]) for key in ("train/loss", "val/loss")):
@@ -82,6 +85,9 @@ def fit(be, hp, rng, layers, train_xy, val_xy, num_classes, on_epoch=lambda epoc
         log.info("epoch %d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  (%.2f s)", epoch,
                  row["train/loss"], row["train/accuracy"], row["val/loss"], row["val/accuracy"], seconds)
         history.append(row)
+    if trained is not layers:
+        (W, b), (W_trained, b_trained) = layers[0], _unfold_bias(trained)[0]
+        W[...], b[...] = W_trained, b_trained
     return history
 
 
@@ -103,6 +109,17 @@ def pixel_codes(images, chunk=2048):
         if not np.array_equal(codes[start:start + chunk].astype(np.float32) / np.float32(PIXEL_MAX), part):
             return None
     return codes
+
+
+def _fold_bias(xp, layers):
+    """The first layer as one array [W | b], with bias None (model.gradients)."""
+    W, b = layers[0]
+    return [(xp.concat([W, b[:, None]], axis=1), None), *layers[1:]]
+
+
+def _unfold_bias(layers):
+    """(W, b) views of layers whose first may be folded, for evaluating them."""
+    return [(W[:, :-1], W[:, -1]) if b is None else (W, b) for W, b in layers]
 
 
 def _on_device(be, split):
