@@ -21,11 +21,12 @@ from pipeline.optim import SGD, learning_rate
 
 log = logging.getLogger(__name__)
 
-# Gathering from uint8 pixel codes pays from this batch size up (the gather is bound by
-# memory; the conversion to float32 is one more call per step). Per epoch on the real
-# MNIST, codes against float32 in turns in one process: batch 16 3% slower, 32 and 64
-# even (0.92-1.11 over three runs), 128 9-14% faster, 256 5% faster.
-CODES_MIN_BATCH = 128
+# Training from uint8 pixel codes (with the bias trick) pays from this batch size up: the
+# gather is bound by memory, and the conversion to float32 is one more call per step. Per
+# epoch on the real MNIST, codes against float32 in turns in one process (paired medians):
+# batch 1 1.10, 4 1.01, 8 1.05 and 0.89, 16 0.88 and 0.92, 32 0.91 and 0.89, 64 0.91 and
+# 0.87, 128 0.86.
+CODES_MIN_BATCH = 16
 
 
 class DivergenceError(PipelineError):
