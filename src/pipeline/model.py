@@ -99,8 +99,8 @@ def gradients(xp, layers, X, onehot, input_scale=None):
     Two options serve the trainer's 8-bit pixels. With `input_scale` the images
     are X * input_scale: the trainer passes pixel codes (as float32) and 1/255,
     and the scale is applied to the first layer's output and delta, (units, n)
-    arrays, instead of a pass over the (n, 784) batch. A layer given as (W, None)
-    has its bias folded into W's last column, the "bias trick": its inputs end
+    arrays, instead of a pass over the (n, 784) batch. The first layer given as
+    (W, None) has its bias folded into W's last column, the "bias trick": X ends
     in a constant column (the trainer's codes end in 255, which the scale makes
     1), so W x covers W x + b and dL/dW covers dL/db, and a step needs no
     separate bias add, bias-gradient sum or bias update."""
