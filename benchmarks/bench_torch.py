@@ -10,10 +10,10 @@ whole `fit` epoch (shuffle, SGD steps, training and validation metrics) plus
 logging it to a throwaway MLflow SQLite store as the train stage does, in
 batches (tracking.EpochLog): every write to the store, the last one included,
 is shared out over the run's epochs. The work done once per run before the
-first epoch (device copies, pixel codes) is printed apart as "setup". PyTorch's loop shuffles, steps and
-validates every epoch. The floor is one pass of the same matrix products over
-the whole training set as a few large calls: no training loop can touch the
-data for less. The contenders take turns for --rounds rounds and each figure
+first epoch (device copies, pixel codes) is printed apart as "setup".
+PyTorch's loop shuffles, steps and validates every epoch. The floor is one
+pass of the same matrix products over the whole training set as a few large
+calls: no training loop can touch the data for less. The contenders take turns for --rounds rounds and each figure
 is the median over all their epochs, so a slow spell of a shared machine
 lands on all of them rather than on whichever ran during it.
 """

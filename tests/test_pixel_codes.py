@@ -1,7 +1,8 @@
 """The trainer gathers minibatches from uint8 pixel codes when the images are
 8-bit pixels: the codes must be exactly normalise's pixels times 255, and
-training from them (scale 1/255 folded into the logits and the gradient) must
-match training from the float32 pixels up to float32 rounding."""
+training from them (the 1/255 applied to the logits and the gradient, the bias
+folded into the first layer's W) must match training from the float32 pixels
+up to float32 rounding."""
 
 from types import SimpleNamespace
 
