@@ -14,7 +14,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from pipeline.config import CONF_DIR, PROJECT_ROOT, validate
-from pipeline.idx import encode_idx
+from pipeline.data.idx import encode_idx
 
 FIXTURE_TRAIN, FIXTURE_TEST, FIXTURE_VAL = 600, 200, 100
 

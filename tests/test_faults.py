@@ -24,8 +24,8 @@ from pipeline import model
 from pipeline.config import PROJECT_ROOT, SourceSpec
 from pipeline.errors import PipelineError
 from pipeline.fetch import fetch
-from pipeline.files import sha256_of
-from pipeline.idx import IdxError, encode_idx, read_idx, read_images
+from pipeline.data.files import sha256_of
+from pipeline.data.idx import IdxError, encode_idx, read_idx, read_images
 from pipeline.normalise import normalise
 
 STALL_S = 3  # how long the stalling mirror holds a connection (the client gives up after 1 s)

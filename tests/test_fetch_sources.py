@@ -12,7 +12,7 @@ import pytest
 from pipeline.config import SourceSpec
 from pipeline.errors import PipelineError
 from pipeline.fetch import _refuse_unsafe_member, fetch
-from pipeline.files import sha256_of
+from pipeline.data.files import sha256_of
 
 
 @pytest.fixture

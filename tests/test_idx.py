@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pipeline.idx import IdxError, encode_idx, read_images, read_labels
+from pipeline.data.idx import IdxError, encode_idx, read_images, read_labels
 
 
 def test_images_and_labels_round_trip(tmp_path):

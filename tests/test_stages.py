@@ -13,7 +13,7 @@ from pipeline import evaluate, export_filters, model, train
 from pipeline.config import SourceSpec
 from pipeline.errors import PipelineError
 from pipeline.fetch import fetch
-from pipeline.files import sha256_of
+from pipeline.data.files import sha256_of
 from pipeline.normalise import load_split, normalise
 from pipeline.tracking import tracking_uri
 
@@ -63,7 +63,7 @@ def test_normalise_scales_splits_and_is_byte_identical(fixture_cfg, tmp_path):
     assert train_y.dtype == np.uint8
     assert train_x.min() >= 0.0 and train_x.max() == 1.0  # the bars are 255 -> 1.0
     # canonical order: the validation set is the end of the training file
-    from pipeline.idx import read_images
+    from pipeline.data.idx import read_images
     raw = read_images(tmp_path / "raw" / fixture_cfg.data.files.train_images.name)
     np.testing.assert_array_equal(val_x, raw[-FIXTURE_VAL:].reshape(FIXTURE_VAL, 784) / np.float32(255))
     first = {p.name: p.read_bytes() for p in (tmp_path / "processed").iterdir()}

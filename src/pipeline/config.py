@@ -1,4 +1,5 @@
-"""The config schema (typed dataclasses) and the range checks Hydra cannot express.
+"""The config schema (typed dataclasses), the range checks Hydra cannot express,
+and the effective config that DVC tracks key by key.
 
 conf/config.yaml lists `schema` first in its defaults, so every value read
 from conf/ or the command line is checked against these types before a stage
@@ -13,7 +14,9 @@ from typing import Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from pipeline.core.hparams import Hyperparams
 from pipeline.errors import PipelineError
+
 
 def _project_root():
     """The checkout a command runs in: the current directory when it holds
@@ -26,11 +29,15 @@ def _project_root():
 
 PROJECT_ROOT = _project_root()
 CONF_DIR = PROJECT_ROOT / "conf"
+# Written by the resolve stage, read by DVC as the params file of every later stage.
+RESOLVED_FILE = Path("params") / "resolved.yaml"
+# Settings that never change a result: left out of the resolved file, so
+# changing them reruns nothing (a mirror, a path, the tracking experiment).
+LOCAL_KEYS = {"data": ("sources", "timeout_s"), "": ("paths", "mlflow", "evaluate_after_train")}
 
 SOURCE_KINDS = ("local", "http", "npm")
+BACKENDS = ("numpy", "cupy", "auto")  # pipeline.core.backend.select
 MODELS = ("softmax", "mlp")
-BACKENDS = ("numpy", "cupy", "auto")
-SCHEDULES = ("constant", "step", "cosine")
 SPLITS = ("train_images", "train_labels", "test_images", "test_labels")
 
 
@@ -67,29 +74,18 @@ class ModelConfig:
 
 
 @dataclass
-class TrainConfig:
-    lr: float = MISSING
-    epochs: int = MISSING
-    batch_size: int = MISSING
-    momentum: float = 0.0
-    nesterov: bool = False
-    weight_decay: float = 0.0
-    schedule: str = "constant"
-    step_epochs: int = 10  # schedule=step: multiply lr by gamma every step_epochs epochs
-    gamma: float = 0.1
-
-
-@dataclass
 class BackendConfig:
     name: str = MISSING
     # CPU BLAS threads while training. 1 by default: on 2 cores, two BLAS threads
     # ran 20x slower when anything else was busy (measured), and small matrices gain little.
     threads: int = 1
+    # Speed paths where they apply (pipeline.core.codes); false: the plain lecture code everywhere.
+    fast: bool = True
 
 
 @dataclass
 class PathsConfig:
-    raw: str = "data/raw"
+    raw: str = "data/raw"  # fetch writes <raw>/<data.name>/
     processed: str = "data/processed"
     model: str = "models"  # where evaluate and export_filters find the trained model
 
@@ -110,7 +106,7 @@ class ExportConfig:
 class Config:
     data: DataConfig = MISSING
     model: ModelConfig = MISSING
-    train: TrainConfig = MISSING
+    train: Hyperparams = MISSING
     backend: BackendConfig = MISSING
     paths: PathsConfig = field(default_factory=PathsConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
@@ -130,25 +126,8 @@ def _fail(key, value, expected):
 
 def validate(cfg: DictConfig) -> None:
     """Range checks that types alone cannot express. Raises PipelineError."""
-    t = cfg.train
-    if not t.lr > 0:
-        _fail("train.lr", t.lr, "a learning rate > 0")
-    if t.epochs < 1:
-        _fail("train.epochs", t.epochs, "an integer >= 1")
-    if t.batch_size < 1:
-        _fail("train.batch_size", t.batch_size, "an integer >= 1 (1 is per-sample SGD)")
-    if not 0 <= t.momentum < 1:
-        _fail("train.momentum", t.momentum, "0 <= momentum < 1")
-    if t.nesterov and not t.momentum:
-        _fail("train.nesterov", t.nesterov, "false unless train.momentum > 0")
-    if t.weight_decay < 0:
-        _fail("train.weight_decay", t.weight_decay, "a value >= 0")
-    if t.schedule not in SCHEDULES:
-        _fail("train.schedule", t.schedule, f"one of {SCHEDULES}")
-    if t.step_epochs < 1:
-        _fail("train.step_epochs", t.step_epochs, "an integer >= 1")
-    if not 0 < t.gamma <= 1:
-        _fail("train.gamma", t.gamma, "0 < gamma <= 1")
+    for key, value, expected in hyperparams(cfg).problems():
+        _fail(f"train.{key}", value, expected)
     m = cfg.model
     if m.name not in MODELS:
         _fail("model.name", m.name, f"one of {MODELS}")
@@ -167,6 +146,8 @@ def validate(cfg: DictConfig) -> None:
         _fail("data.files", sorted(d.files), f"exactly the keys {list(SPLITS)}")
     if len(d.class_names) < 2:
         _fail("data.class_names", list(d.class_names), "at least two class names")
+    if len(set(d.class_names)) != len(d.class_names):
+        _fail("data.class_names", list(d.class_names), "names that differ from each other")
     for i, src in enumerate(d.sources):
         if src.kind not in SOURCE_KINDS:
             _fail(f"data.sources[{i}].kind", src.kind, f"one of {SOURCE_KINDS}")
@@ -175,27 +156,17 @@ def validate(cfg: DictConfig) -> None:
             _fail(f"data.sources[{i}].{needed}", src[needed], f"a value for a {src.kind} source")
 
 
-def flatten(cfg: DictConfig) -> Dict[str, str]:
-    """The resolved config as dotted keys, e.g. {'train.lr': '0.5'} (MLflow params)."""
-    flat = {}
-
-    def walk(node, prefix):
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(value, f"{prefix}{key}.")
-        elif isinstance(node, list) and node and isinstance(node[0], dict):
-            for i, value in enumerate(node):
-                walk(value, f"{prefix}{i}.")
-        else:
-            flat[prefix[:-1]] = str(node)
-
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
-    return flat
+def hyperparams(cfg: DictConfig) -> Hyperparams:
+    """cfg.train as the typed object `fit` takes."""
+    return OmegaConf.to_object(cfg.train)
 
 
-def output_dir() -> Path:
-    """This run's output directory: outputs/<date>/<time> for an ad hoc run,
-    the DVC output when dvc.yaml pins it with hydra.run.dir."""
-    from hydra.core.hydra_config import HydraConfig
-
-    return Path(HydraConfig.get().runtime.output_dir)
+def effective(cfg: DictConfig) -> dict:
+    """The config as plain data, interpolations resolved, LOCAL_KEYS left out:
+    what the resolve stage writes and what every later stage must agree with."""
+    values = OmegaConf.to_container(cfg, resolve=True)
+    for group, keys in LOCAL_KEYS.items():
+        node = values[group] if group else values
+        for key in keys:
+            node.pop(key, None)
+    return values

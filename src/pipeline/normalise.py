@@ -1,4 +1,5 @@
-"""Stage 2, normalise: IDX -> float32 pixels in [0, 1], flattened to 784, as .npy.
+"""Stage 2, normalise: IDX -> float32 pixels in [0, 1], flattened to 784, as .npy,
+with a manifest of what they were made from.
 
 The canonical order is kept; the last `data.val_size` training images become
 the validation set. The .npy files load fast and can be memory-mapped, and
@@ -8,18 +9,15 @@ the same input gives byte-identical output.
 import logging
 from pathlib import Path
 
-import hydra
 import numpy as np
 
-from pipeline.config import CONF_DIR, output_dir, validate
-from pipeline.errors import PipelineError, exit_on_pipeline_error
-from pipeline.files import save_npy
-from pipeline.idx import IdxError, read_images, read_labels
+from pipeline.data.files import sha256_of
+from pipeline.data.idx import IdxError, read_images, read_labels
+from pipeline.data.splits import PIXEL_MAX, save_splits
+from pipeline.entry import output_dir, stage
+from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
-
-SPLIT_NAMES = ("train", "val", "test")
-PIXEL_MAX = 255  # an 8-bit pixel k becomes k / PIXEL_MAX in float32
 
 
 def normalise(data, raw_dir, out_dir):
@@ -37,10 +35,11 @@ def normalise(data, raw_dir, out_dir):
         "val": (train_x[cut:], train_y[cut:]),
         "test": (test_x, test_y),
     }
-    for name, (x, y) in splits.items():
-        save_npy(Path(out_dir) / f"{name}_x.npy", x)
-        save_npy(Path(out_dir) / f"{name}_y.npy", y)
-        log.info("%s: %d images -> %s", name, len(y), out_dir)
+    manifest = {"dataset": data.name, "val_size": data.val_size, "class_names": list(data.class_names),
+                "raw_sha256": {key: sha256_of(raw_dir / spec.name) for key, spec in data.files.items()}}
+    save_splits(out_dir, splits, manifest)
+    for name, (_, y) in splits.items():
+        log.info("%s: %d images of %s -> %s", name, len(y), data.name, out_dir)
 
 
 def _read_pair(raw_dir, images_spec, labels_spec, num_classes):
@@ -56,21 +55,9 @@ def _read_pair(raw_dir, images_spec, labels_spec, num_classes):
     return pixels, labels
 
 
-def load_split(processed_dir, split, mmap=False):
-    """(x float32 (n, 784), y uint8 (n,)) of one split written by normalise."""
-    paths = [Path(processed_dir) / f"{split}_{part}.npy" for part in ("x", "y")]
-    for path in paths:
-        if not path.is_file():
-            raise PipelineError(f"{path} is missing: run the normalise stage first (dvc repro)")
-    mode = "r" if mmap else None
-    return tuple(np.load(path, mmap_mode=mode, allow_pickle=False) for path in paths)
-
-
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-@exit_on_pipeline_error
+@stage
 def main(cfg):
-    validate(cfg)
-    normalise(cfg.data, cfg.paths.raw, output_dir())
+    normalise(cfg.data, Path(cfg.paths.raw) / cfg.data.name, output_dir())
 
 
 if __name__ == "__main__":

@@ -1,33 +1,36 @@
 """Stage 3, train: softmax regression (or an MLP) by minibatch SGD.
 
-Runs the loop of pipeline.trainer and logs each epoch's loss and accuracy (train
-and validation) to MLflow with step=epoch. Writes model.npz
-(layers, config), history.csv and run.json, and logs a pyfunc model. An ad hoc
-run (evaluate_after_train=true) also evaluates on the test set and exports the
+Runs the loop of pipeline.core.trainer on the processed arrays (after checking
+their manifest against the config) and logs each epoch's loss and accuracy
+(train and validation) to MLflow with step=epoch. Writes model.npz (layers,
+config), history.csv and run.json, and logs a pyfunc model. An ad hoc run
+(evaluate_after_train=true) also evaluates on the test set and exports the
 filters, so its MLflow run is as complete as a `dvc repro`. In a multirun it
 returns the final validation accuracy (the Optuna objective).
 """
 
 import csv
 import io
-import json
 import logging
 from pathlib import Path
 
-import hydra
+import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-import mlflow
-import numpy as np
 from omegaconf import OmegaConf
 from threadpoolctl import threadpool_limits
 
-from pipeline import backend, evaluate, export_filters, model, serving, tracking
-from pipeline.config import CONF_DIR, output_dir, validate
-from pipeline.errors import PipelineError, exit_on_pipeline_error
-from pipeline.files import write_text
-from pipeline.normalise import load_split
-from pipeline.trainer import DivergenceError, fit
+from pipeline.config import hyperparams
+from pipeline.core import backend, metrics, model
+from pipeline.core.trainer import DivergenceError, fit
+from pipeline.data import model_file
+from pipeline.data.files import write_text
+from pipeline.data.splits import load_split, read_manifest
+from pipeline.entry import output_dir, stage
+from pipeline.errors import PipelineError
+from pipeline.report import evaluation, filters
+from pipeline.tracking import runs, serving
+from pipeline.tracking.epoch_log import EpochLog
 
 log = logging.getLogger(__name__)
 
@@ -36,31 +39,36 @@ HISTORY_FILE = "history.csv"
 
 def train(cfg, out_dir):
     out_dir = Path(out_dir)
+    hp = hyperparams(cfg)
     be = backend.select(cfg.backend.name)
+    manifest = read_manifest(cfg.paths.processed, cfg.data)
     train_xy = load_split(cfg.paths.processed, "train")
     val_xy = load_split(cfg.paths.processed, "val")
-    if cfg.train.batch_size > len(train_xy[1]):
+    if hp.batch_size > len(train_xy[1]):
         raise PipelineError(
-            f"config train.batch_size={cfg.train.batch_size}: expected at most the "
-            f"{len(train_xy[1])} training images"
+            f"config train.batch_size={hp.batch_size}: expected at most the {len(train_xy[1])} training images"
         )
-    num_classes = len(cfg.data.class_names)
+    class_names = list(cfg.data.class_names)
     rng = np.random.default_rng(cfg.seed)  # host RNG: init and shuffles, same on every backend
-    sizes = [train_xy[0].shape[1], *cfg.model.hidden, num_classes]
+    sizes = [train_xy[0].shape[1], *cfg.model.hidden, len(class_names)]
     layers = [(be.to_device(W), be.to_device(b)) for W, b in model.init_params(rng, sizes)]
-    with tracking.training_run(cfg, out_dir), threadpool_limits(limits=cfg.backend.threads):
-        mlflow.set_tag("backend.resolved", be.name)
-        with tracking.EpochLog() as log_epoch:
-            history = fit(be, cfg.train, rng, layers, train_xy, val_xy, num_classes, on_epoch=log_epoch)
+    with runs.training_run(cfg, manifest, out_dir) as run, threadpool_limits(limits=cfg.backend.threads):
+        runs.set_tags({"backend.resolved": be.name})
+        with EpochLog() as log_epoch:
+            history = fit(be, hp, rng, layers, train_xy, val_xy, len(class_names), fast=cfg.backend.fast,
+                          on_epoch=log_epoch)
         layers = [(be.to_host(W), be.to_host(b)) for W, b in layers]
-        config_json = json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True)
-        model.save(out_dir / model.FILE, layers, config_json)
+        model_file.save(out_dir / model_file.FILE, layers, OmegaConf.to_container(cfg, resolve=True))
         write_text(out_dir / HISTORY_FILE, _history_csv(history))
-        mlflow.log_artifact(str(out_dir / HISTORY_FILE))
-        serving.log_model(out_dir / model.FILE)
-        if cfg.evaluate_after_train:
-            evaluate.evaluate_and_log(cfg, layers, out_dir)
-            export_filters.export_and_log(cfg, layers, out_dir / "filters")
+        runs.log_files([out_dir / HISTORY_FILE], None)
+        serving.log_model(out_dir / model_file.FILE)
+        if cfg.evaluate_after_train:  # what the evaluate and export_filters stages do
+            test_x, test_y = load_split(cfg.paths.processed, "test")
+            report = metrics.evaluate(be, layers, test_x, test_y, len(class_names))
+            runs.log_evaluation(report, class_names, evaluation.write_reports(report, class_names, out_dir))
+            runs.log_files(filters.export_filters(*filters.filters_of(layers, class_names),
+                                                  out_dir / "filters", cfg.export), "filters")
+    log.info("MLflow run %s finished", run.info.run_id)
     return history[-1]["val/accuracy"]
 
 
@@ -72,11 +80,9 @@ def _history_csv(history):
     return out.getvalue()
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-@exit_on_pipeline_error
+@stage
 def main(cfg):
     """Returns the final validation accuracy: the objective of an Optuna sweep."""
-    validate(cfg)
     try:
         return train(cfg, output_dir())
     except DivergenceError as err:

@@ -5,12 +5,13 @@ import mlflow
 import numpy as np
 from mlflow.models import set_model
 
-from pipeline import model
+from pipeline.core import model
+from pipeline.data import model_file
 
 
 class DigitClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
-        self.layers, _ = model.load(context.artifacts["weights"])
+        self.layers, _ = model_file.load(context.artifacts["weights"])
 
     def predict(self, context, model_input, params=None):
         X = np.asarray(model_input, dtype=np.float32).reshape(-1, 784)

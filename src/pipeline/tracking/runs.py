@@ -12,22 +12,20 @@ import os
 import signal
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import mlflow
-from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from omegaconf import OmegaConf
 
-from pipeline.config import PROJECT_ROOT, flatten
+from pipeline.config import PROJECT_ROOT
+from pipeline.data.files import write_text
 from pipeline.errors import PipelineError
-from pipeline.files import write_text
 
 log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
-# Set by pipeline.sweep in the launching process: the MLflow parent run of a multirun.
+# Set by pipeline.tracking.sweep in the launching process: the MLflow parent run of a multirun.
 PARENT_ENV = "PIPELINE_MLFLOW_PARENT_RUN_ID"
 
 
@@ -86,20 +84,20 @@ def experiment_id(name):
 
 
 @contextlib.contextmanager
-def training_run(cfg, out_dir):
+def training_run(cfg, manifest, out_dir):
     """Start the run of one training: params, tags, and run.json in out_dir."""
     open_store()
     parent = os.environ.get(PARENT_ENV)  # a job of a sweep is a child of the sweep's run
     run = mlflow.start_run(experiment_id=experiment_id(cfg.mlflow.experiment), parent_run_id=parent)
     with _ended_with_status():
-        _describe_run(cfg)
+        _describe_run(cfg, manifest)
         write_text(Path(out_dir) / RUN_FILE, json.dumps({"run_id": run.info.run_id}) + "\n")
         log.info("MLflow run %s in %s", run.info.run_id, tracking_uri())
         yield run
 
 
 @contextlib.contextmanager
-def reopened_run(cfg, model_dir):
+def reopened_run(cfg, manifest, model_dir):
     """Reopen the run that trained the model in model_dir. If the store does
     not have it (outputs restored by DVC on another machine), start a new run
     tagged with the old id rather than fail."""
@@ -115,60 +113,9 @@ def reopened_run(cfg, model_dir):
         restored = True
     with _ended_with_status():
         if restored:
-            _describe_run(cfg)
+            _describe_run(cfg, manifest)
             mlflow.set_tag("restored_from_run_id", str(run_id))
         yield run
-
-
-class EpochLog:
-    """Per-epoch metrics for the active run, written in batches: one store write
-    (MlflowClient.log_batch) when `every_s` seconds have passed since the last,
-    and one on close, also when training failed. Each metric keeps its epoch as
-    step and the time the epoch ended. Why: an epoch of softmax regression takes
-    about 0.15 s; one write to the SQLite store took 13-14 ms here (6 epochs in
-    one batch: 23 ms), and MLflow's own background logging slowed each epoch by
-    17 ms (its thread competes for the GIL). The UI still sees the curves grow
-    every `every_s` seconds. A write that fails during training (a server
-    hiccup, a locked SQLite file) is retried at the next interval rather than
-    ending the training; the write on close must succeed."""
-
-    MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch call
-
-    def __init__(self, every_s=1.0):
-        run = mlflow.active_run()
-        if run is None:
-            raise PipelineError("tracking.EpochLog needs an active MLflow run (open one with training_run)")
-        self.run_id, self.every_s = run.info.run_id, every_s
-        self.client = mlflow.MlflowClient()
-        self.pending, self.written_at = [], time.monotonic()
-
-    def __call__(self, epoch, row):
-        stamp = int(time.time() * 1000)
-        self.pending += [Metric(key, value, stamp, epoch) for key, value in row.items() if key != "epoch"]
-        if time.monotonic() - self.written_at >= self.every_s:
-            try:
-                self.write()
-            except Exception as err:  # MlflowException, SQLAlchemy or connection errors
-                self.written_at = time.monotonic()
-                log.warning("MLflow did not take the epoch metrics (%s); trying again in %s s", err, self.every_s)
-
-    def write(self):
-        while self.pending:
-            self.client.log_batch(self.run_id, metrics=self.pending[:self.MAX_BATCH])
-            del self.pending[:self.MAX_BATCH]
-        self.written_at = time.monotonic()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, error, traceback):
-        if kind is None:
-            self.write()
-            return
-        try:  # the curves up to the failure belong in the failed run
-            self.write()
-        except Exception as write_error:  # the training's own error is the one to report
-            log.warning("could not write the last epochs' metrics to MLflow: %s", write_error)
 
 
 def _run_exists(run_id):
@@ -207,9 +154,13 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _describe_run(cfg):
+def _describe_run(cfg, manifest):
+    """Params from the config; data tags from the manifest of the arrays really read."""
     mlflow.log_params(flatten(cfg))
-    tags = {f"data.{spec.name}.sha256": spec.sha256 for spec in cfg.data.files.values()}
+    tags = {}
+    if manifest is not None:
+        tags = {f"data.{key}.sha256": digest for key, digest in manifest["raw_sha256"].items()}
+        tags["data.name"] = manifest["dataset"]
     tags["mlflow.source.git.commit"] = _git("rev-parse", "HEAD") or "unknown"
     tags["git.dirty"] = str(bool(_git("status", "--porcelain", "--untracked-files=no")))
     tags["job.overrides"] = " ".join(_hydra_overrides())
@@ -229,3 +180,41 @@ def _git(*args):
     except (OSError, subprocess.SubprocessError):
         return ""
     return done.stdout.strip() if done.returncode == 0 else ""
+
+
+def log_evaluation(report, class_names, paths):
+    """Test metrics, the confusion matrix and the report files into the active run."""
+    metrics = {"test/loss": report["loss"], "test/accuracy": report["accuracy"]}
+    for name, p, r in zip(class_names, report["precision"], report["recall"]):
+        metrics[f"test/precision/{name}"], metrics[f"test/recall/{name}"] = float(p), float(r)
+    mlflow.log_metrics(metrics)
+    mlflow.log_dict({"classes": list(class_names), "rows_actual_cols_predicted": report["confusion"].tolist()},
+                    "evaluation/confusion_matrix.json")
+    log_files(paths, "evaluation")
+
+
+def set_tags(tags):
+    mlflow.set_tags(tags)
+
+
+def log_files(paths, artifact_dir):
+    for path in paths:
+        mlflow.log_artifact(str(path), artifact_dir)
+
+
+def flatten(cfg):
+    """The resolved config as dotted keys, e.g. {'train.lr': '0.5'} (MLflow params)."""
+    flat = {}
+
+    def walk(node, prefix):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        elif isinstance(node, list) and node and isinstance(node[0], dict):
+            for i, value in enumerate(node):
+                walk(value, f"{prefix}{i}.")
+        else:
+            flat[prefix[:-1]] = str(node)
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return flat

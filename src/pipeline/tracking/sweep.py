@@ -9,7 +9,7 @@ workers; each job's training run is then started with parent_run_id.
 on_multirun_end gives the parent a summary: a CSV of all jobs, a plot of
 final validation and test accuracy against the learning rate, and the best
 job's run id and lr as tags. A job that diverges ends FAILED and the sweep
-goes on (pipeline.train returns NaN for it instead of raising); the summary
+goes on (the train stage returns NaN for it instead of raising); the summary
 marks it.
 """
 
@@ -23,8 +23,8 @@ from pathlib import Path
 import mlflow
 from hydra.experimental.callback import Callback
 
-from pipeline import tracking
-from pipeline.tracking import PARENT_ENV
+from pipeline.tracking import runs
+from pipeline.tracking.runs import PARENT_ENV
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +34,8 @@ SUMMARY_PNG = "sweep_accuracy_vs_lr.png"
 
 class SweepCallback(Callback):
     def on_multirun_start(self, config, **kwargs):
-        tracking.open_store()
-        self.experiment_id = tracking.experiment_id(config.mlflow.experiment)
+        runs.open_store()
+        self.experiment_id = runs.experiment_id(config.mlflow.experiment)
         sweep_dir = config.hydra.sweep.dir
         parent = mlflow.MlflowClient().create_run(
             self.experiment_id, run_name=f"sweep {Path(sweep_dir).name}",

@@ -14,21 +14,16 @@ import math
 
 class SGD:
     def __init__(self, xp, layers, momentum=0.0, nesterov=False, weight_decay=0.0):
-        self.xp, self.momentum, self.nesterov, self.weight_decay = xp, momentum, nesterov, weight_decay
+        self.momentum, self.nesterov, self.weight_decay = momentum, nesterov, weight_decay
         # Velocity buffers are allocated once, not per step.
-        self.velocity = [[xp.zeros_like(p) for p in layer if p is not None] for layer in layers] if momentum else None
+        self.velocity = [[xp.zeros_like(p) for p in layer] for layer in layers] if momentum else None
 
     def step(self, layers, grads, lr):
-        """Update every (W, b) of `layers` in place. A layer (W, None) has its bias
-        as W's last column (model.gradients): that column is not decayed."""
+        """Update every (W, b) of `layers` in place."""
         for i, ((W, b), (gW, gb)) in enumerate(zip(layers, grads)):
             if self.weight_decay:
-                decay = self.weight_decay * W
-                if b is None:
-                    decay[:, -1] = 0.0
-                gW = gW + decay
-            pairs = [(W, gW)] if b is None else [(W, gW), (b, gb)]
-            for j, (param, grad) in enumerate(pairs):
+                gW = gW + self.weight_decay * W
+            for j, (param, grad) in enumerate(((W, gW), (b, gb))):
                 if self.velocity is not None:
                     velocity = self.velocity[i][j]
                     velocity *= self.momentum
