@@ -75,6 +75,22 @@ def fixture_cfg(fixture_overrides):
     return make_cfg(*fixture_overrides)
 
 
+def raw_dir(cfg):
+    """Where the fetch stage puts the files of cfg's dataset and the normalise
+    stage reads them: <paths.raw>/<data.name>/."""
+    return Path(cfg.paths.raw) / cfg.data.name
+
+
+def prepare(cfg):
+    """What the fetch and normalise stages do for cfg: the verified IDX files in
+    raw_dir(cfg), the arrays and their manifest in paths.processed."""
+    from pipeline.fetch import fetch
+    from pipeline.normalise import normalise
+
+    fetch(cfg.data, raw_dir(cfg))
+    normalise(cfg.data, raw_dir(cfg), cfg.paths.processed)
+
+
 @pytest.fixture(scope="session")
 def real_mnist(tmp_path_factory):
     """The real MNIST IDX files, fetched once per session through the configured sources."""

@@ -2,17 +2,16 @@
 that refuses host/device mixing and, on `no_float64`, float64), and CuPy when a
 GPU is visible."""
 
-from types import SimpleNamespace
-
 import array_api_strict
 import numpy as np
 import pytest
 
-from pipeline import backend, model
-from pipeline.backend import Backend
+from pipeline.core import backend, codes, model
+from pipeline.core.backend import Backend
+from pipeline.core.hparams import Hyperparams
+from pipeline.core.optim import SGD
+from pipeline.core.trainer import fit
 from pipeline.errors import PipelineError
-from pipeline.optim import SGD
-from pipeline.trainer import CODES_MIN_BATCH, fit, pixel_codes
 
 NUMPY = Backend("numpy", np)
 STRICT = {dev: Backend("array_api_strict", array_api_strict, array_api_strict.Device(dev))
@@ -29,24 +28,37 @@ def _data(seed=0, n=300):
 
 def _eight_bit(X):
     """The images as normalise writes pixels, k / 255: fit then gathers from uint8 codes."""
-    X = np.rint(np.clip(X / 3, 0, 1) * 255).astype(np.uint8).astype(np.float32) / np.float32(255)
-    assert pixel_codes(X) is not None
+    X = np.rint(np.clip(X / 3, 0, 1) * 255).astype(np.uint8).astype(np.float32) / np.float32(codes.PIXEL_MAX)
+    assert codes.pixel_codes(X) is not None
     return X
 
 
 def _hp(**overrides):
     hp = dict(lr=0.1, epochs=2, batch_size=32, momentum=0.9, nesterov=True, weight_decay=1e-4,
               schedule="cosine", step_epochs=1, gamma=0.5)
-    return SimpleNamespace(**dict(hp, **overrides))
+    return Hyperparams(**dict(hp, **overrides))
 
 
 def _host_layers(be, layers):
     return [(be.to_host(W), be.to_host(b)) for W, b in layers]
 
 
+def _count_calls(monkeypatch, module):
+    """Count the calls of module.gradients (fit looks it up when it starts)."""
+    calls, original = [], module.gradients
+
+    def spy(xp, layers, images, onehot):
+        calls.append(images.shape)
+        return original(xp, layers, images, onehot)
+
+    monkeypatch.setattr(module, "gradients", spy)
+    return calls
+
+
 @pytest.mark.parametrize("device", STRICT)
 @pytest.mark.parametrize("hidden", [[], [32]])
-def test_gradients_and_step_on_strict_equal_numpy(device, hidden):
+@pytest.mark.parametrize("n", [1, 16])
+def test_gradients_and_step_on_strict_equal_numpy(device, hidden, n):
     be = STRICT[device]
     X, y = _data()
     onehot = model.one_hot(y, 10)
@@ -54,12 +66,32 @@ def test_gradients_and_step_on_strict_equal_numpy(device, hidden):
     results = []
     for b in (NUMPY, be):
         layers = [(b.to_device(W.copy()), b.to_device(bias.copy())) for W, bias in init]
-        grads, z = model.gradients(b.xp, layers, b.to_device(X[:16]), b.to_device(onehot[:, :16]))
-        assert z.dtype == b.xp.float32
+        grads, z = model.gradients(b.xp, layers, b.to_device(X[:n]), b.to_device(onehot[:, :n]))
+        assert z.dtype == b.xp.float32 and z.shape == (10, n)
         SGD(b.xp, layers, momentum=0.9, nesterov=True, weight_decay=1e-3).step(layers, grads, 0.05)
         results.append((_host_layers(b, grads), _host_layers(b, layers)))
     (g_np, p_np), (g_st, p_st) = results
-    for a, c in zip(sum(g_np + p_np, ()), sum(g_st + p_st, ())):
+    for a, c in zip(sum(g_np + p_np, ()), sum(g_st + p_st, ()), strict=True):
+        np.testing.assert_array_equal(a, c)
+
+
+@pytest.mark.parametrize("device", STRICT)
+def test_code_gradients_on_strict_equal_numpy(device):
+    be = STRICT[device]
+    X, y = _data(n=codes.MIN_BATCH)
+    pixel_codes = codes.pixel_codes(_eight_bit(X))
+    onehot = model.one_hot(y, 10)
+    rng = np.random.default_rng(2)
+    init = [(rng.normal(0, 0.01, (10, 784)).astype(np.float32), rng.normal(0, 0.1, 10).astype(np.float32))]
+    results = []
+    for b in (NUMPY, be):
+        layers = [(b.to_device(W), b.to_device(bias)) for W, bias in init]
+        grads, z = codes.gradients(b.xp, layers, b.to_device(pixel_codes), b.to_device(onehot))
+        assert z.dtype == b.xp.float32
+        results.append((_host_layers(b, grads), be.to_host(z) if b is be else z))
+    (g_np, z_np), (g_st, z_st) = results
+    np.testing.assert_array_equal(z_np, z_st)
+    for a, c in zip(sum(g_np, ()), sum(g_st, ()), strict=True):
         np.testing.assert_array_equal(a, c)
 
 
@@ -86,23 +118,26 @@ def test_strict_gradient_matches_finite_differences_in_float64():
 
 
 @pytest.mark.parametrize("device", STRICT)
-@pytest.mark.parametrize("pixels", ["float", "8-bit"])
-def test_a_short_training_run_on_strict_equals_numpy(device, pixels):
+@pytest.mark.parametrize("hidden, pixels", [([], "8-bit"), ([32], "float")], ids=["softmax-codes", "mlp-float"])
+def test_a_short_training_run_on_strict_equals_numpy(device, hidden, pixels, monkeypatch):
     be = STRICT[device]
     X, y = _data(n=1300)
     if pixels == "8-bit":
         X = _eight_bit(X)
-    hp = _hp(batch_size=CODES_MIN_BATCH, epochs=4)  # big enough batches for fit to gather from the codes
+    hp = _hp(batch_size=codes.MIN_BATCH, epochs=4)  # big enough batches for fit to gather from the codes
     train_xy, val_xy = (X[:1200], y[:1200]), (X[1200:], y[1200:])
+    code_steps = _count_calls(monkeypatch, codes)
     runs = []
     for b in (NUMPY, be):
         rng = np.random.default_rng(0)
-        layers = [(b.to_device(W), b.to_device(bias)) for W, bias in model.init_params(rng, [784, 32, 10])]
+        layers = [(b.to_device(W), b.to_device(bias)) for W, bias in model.init_params(rng, [784, *hidden, 10])]
         history = fit(b, hp, rng, layers, train_xy, val_xy, 10)
         runs.append((history, _host_layers(b, layers)))
+    steps = 2 * hp.epochs * len(train_xy[1]) // hp.batch_size  # both backends
+    assert len(code_steps) == (steps if pixels == "8-bit" else 0)  # softmax on 8-bit pixels: the codes path
     (hist_np, layers_np), (hist_st, layers_st) = runs
     assert hist_np == hist_st
-    for (W1, b1), (W2, b2) in zip(layers_np, layers_st):
+    for (W1, b1), (W2, b2) in zip(layers_np, layers_st, strict=True):
         np.testing.assert_array_equal(W1, W2)
         np.testing.assert_array_equal(b1, b2)
     assert hist_np[-1]["val/accuracy"] > 0.5  # it learned something
@@ -129,6 +164,11 @@ def test_auto_falls_back_to_numpy_without_a_gpu():
     assert chosen.name == ("cupy" if gpu else "numpy")
 
 
+def test_an_unknown_backend_name_is_refused():
+    with pytest.raises(PipelineError, match="backend.name='tpu'"):
+        backend.select("tpu")
+
+
 def _gpu_or_skip():
     cupy = pytest.importorskip("cupy", reason="CuPy is not installed (pip install -e '.[gpu]')")
     if not cupy.cuda.is_available():
@@ -147,7 +187,7 @@ def test_cupy_matches_numpy_after_one_epoch(subset, hidden):
         layers = [(b.to_device(W), b.to_device(bias)) for W, bias in model.init_params(rng, [784, *hidden, 10])]
         fit(b, _hp(epochs=1, lr=0.05, batch_size=128), rng, layers, train_xy, val_xy, 10)
         runs.append(_host_layers(b, layers))
-    for (W1, b1), (W2, b2) in zip(*runs):
+    for (W1, b1), (W2, b2) in zip(*runs, strict=True):
         assert W2.dtype == np.float32
         np.testing.assert_allclose(W2, W1, rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(b2, b1, rtol=1e-4, atol=1e-6)
@@ -156,5 +196,5 @@ def test_cupy_matches_numpy_after_one_epoch(subset, hidden):
 @pytest.fixture
 def subset():
     X, y = _data(n=6000)
-    X = _eight_bit(X)  # with batch 128 the GPU run goes through the uint8 codes too
+    X = _eight_bit(X)  # with batch 128 the softmax GPU run goes through the uint8 codes too
     return (X[:5000], y[:5000]), (X[5000:], y[5000:])

@@ -5,7 +5,8 @@ import json
 
 from conftest import run_ok
 
-LR = "conf/train/sgd.yaml:lr"
+LR = "conf/train/sgd.yaml:lr"  # -S edits conf/; the stages read the values from params/resolved.yaml
+PARAMS = "params/resolved.yaml"
 
 
 def _experiments(repo, env):
@@ -15,9 +16,9 @@ def _experiments(repo, env):
         for exp in commit.get("experiments") or []:
             for rev in exp.get("revs", []):
                 data = rev.get("data") or {}
-                params = data.get("params", {}).get("conf/train/sgd.yaml", {}).get("data", {})
+                params = data.get("params", {}).get(PARAMS, {}).get("data", {})
                 metrics = data.get("metrics", {}).get("reports/metrics.json", {}).get("data", {})
-                found[rev["name"]] = (params.get("lr"), metrics.get("test", {}).get("accuracy"))
+                found[rev["name"]] = (params.get("train", {}).get("lr"), metrics.get("test", {}).get("accuracy"))
     return found
 
 

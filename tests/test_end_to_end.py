@@ -9,10 +9,11 @@ import sys
 
 import mlflow
 import pytest
+import yaml
 
 from conftest import run_ok, set_yaml_value, stages_run
 
-STAGES = ["fetch", "normalise", "train", "evaluate", "export_filters"]
+STAGES = ["resolve", "fetch", "normalise", "train", "evaluate", "export_filters"]
 
 
 def test_dvc_repro_end_to_end_on_real_mnist(repo_copy):
@@ -23,7 +24,12 @@ def test_dvc_repro_end_to_end_on_real_mnist(repo_copy):
     metrics = json.loads((repo / "reports/metrics.json").read_text())["test"]
     assert 0.88 <= metrics["accuracy"] <= 0.95  # 2 epochs of softmax regression on the real test set
     assert len(metrics["recall"]) == 10
-    assert sum(1 for _ in (repo / "filters").glob("filter_*.png")) == 10
+    assert sorted(p.name for p in (repo / "filters").glob("filter_*.png")) == [f"filter_{k}_{k}.png" for k in range(10)]
+    assert sorted(p.name for p in (repo / "data/raw").iterdir()) == ["mnist"]  # one directory per dataset
+    manifest = json.loads((repo / "data/processed/manifest.json").read_text())
+    assert manifest["dataset"] == "mnist" and manifest["raw_sha256"]["train_images"].startswith("ba891046")
+    resolved = yaml.safe_load((repo / "params/resolved.yaml").read_text())
+    assert resolved["train"]["epochs"] == 2 and "paths" not in resolved and "sources" not in resolved["data"]
 
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     client = mlflow.MlflowClient()
@@ -40,18 +46,22 @@ def test_dvc_repro_end_to_end_on_real_mnist(repo_copy):
     assert run.data.metrics["test/loss"] == pytest.approx(metrics["loss"], abs=1e-5)
     head = run_ok(["git", "rev-parse", "HEAD"], repo, env).strip()
     assert run.data.tags["mlflow.source.git.commit"] == head
-    assert run.data.tags["data.train-images-idx3-ubyte.sha256"].startswith("ba891046")
+    assert run.data.tags["data.name"] == "mnist"
+    assert run.data.tags["data.train_images.sha256"].startswith("ba891046")  # from the manifest
+    assert run.data.tags["data.test_labels.sha256"] == manifest["raw_sha256"]["test_labels"]
     artifacts = {a.path for top in ("filters", "evaluation") for a in client.list_artifacts(run.info.run_id, top)}
-    assert {"filters/filters.png", "filters/filter_0.png", "evaluation/confusion_matrix.png"} <= artifacts
+    assert {"filters/filters.png", "filters/filter_0_0.png", "evaluation/confusion_matrix.png"} <= artifacts
 
     # Nothing changed: nothing reruns.
     assert "Data and pipelines are up to date" in run_ok(["dvc", "repro"], repo, env)
 
-    # A new learning rate reruns train and what follows it, not fetch or normalise.
+    # A new learning rate reruns resolve, then train and what follows it, not fetch or normalise.
     set_yaml_value(repo / "conf/train/sgd.yaml", "lr", 0.1)
-    assert "0.2" in run_ok(["dvc", "params", "diff"], repo, env)
-    assert stages_run(run_ok(["dvc", "repro"], repo, env)) == ["train", "evaluate", "export_filters"]
+    assert stages_run(run_ok(["dvc", "repro"], repo, env)) == ["resolve", "train", "evaluate", "export_filters"]
     assert "Data and pipelines are up to date" in run_ok(["dvc", "status"], repo, env)
+    # The params DVC tracks are the resolved file's keys: the change shows once resolve has written it.
+    diff = run_ok(["dvc", "params", "diff", "--json"], repo, env)
+    assert json.loads(diff)["params/resolved.yaml"]["train.lr"] == {"old": 0.2, "new": 0.1}
     assert len(client.search_runs([experiment.experiment_id])) == 2
 
     # An ad hoc run logs a complete run of its own and leaves DVC's outputs alone.

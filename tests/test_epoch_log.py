@@ -1,4 +1,4 @@
-"""Per-epoch metrics reach MLflow in batches (tracking.EpochLog), against a real SQLite store."""
+"""Per-epoch metrics reach MLflow in batches (tracking.epoch_log.EpochLog), against a real SQLite store."""
 
 import logging
 
@@ -6,7 +6,7 @@ import mlflow
 import pytest
 
 from pipeline.errors import PipelineError
-from pipeline.tracking import EpochLog
+from pipeline.tracking.epoch_log import EpochLog
 
 
 @pytest.fixture(scope="module")

@@ -34,4 +34,5 @@ def test_named_experiment_reaches_its_bar(processed, tmp_path, experiment, bar):
     client = mlflow.MlflowClient()
     (run,) = client.search_runs([client.get_experiment_by_name("bars").experiment_id])
     assert run.data.params["model.name"] == experiment
+    assert run.data.tags["data.name"] == "mnist"  # from the manifest of the arrays trained on
     assert run.data.metrics["test/accuracy"] >= bar

@@ -19,13 +19,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import free_port, make_cfg, run_ok, set_yaml_value, stages_run
-from pipeline import model
+from conftest import free_port, prepare, raw_dir, run_ok, set_yaml_value, stages_run
 from pipeline.config import PROJECT_ROOT, SourceSpec
-from pipeline.errors import PipelineError
-from pipeline.fetch import fetch
+from pipeline.data import model_file
 from pipeline.data.files import sha256_of
 from pipeline.data.idx import IdxError, encode_idx, read_idx, read_images
+from pipeline.errors import PipelineError
+from pipeline.fetch import fetch
 from pipeline.normalise import normalise
 
 STALL_S = 3  # how long the stalling mirror holds a connection (the client gives up after 1 s)
@@ -158,13 +158,13 @@ def _corrupt(raw, spec, mangle):
     ("test_labels", lambda b: b[:4] + (199).to_bytes(4, "big") + b[8:-1], "count"),  # 199 labels, 200 images
 ])
 def test_normalise_names_the_corrupt_file_and_field(fixture_cfg, tmp_path, split, mangle, field):
-    fetch(fixture_cfg.data, fixture_cfg.paths.raw)
-    path = _corrupt(tmp_path / "raw", fixture_cfg.data.files[split], mangle)
+    fetch(fixture_cfg.data, raw_dir(fixture_cfg))
+    path = _corrupt(raw_dir(fixture_cfg), fixture_cfg.data.files[split], mangle)
     out = tmp_path / "processed"
     out.mkdir()
     (out / "train_x.npy").write_bytes(b"an earlier good output")
     with pytest.raises(IdxError) as info:
-        normalise(fixture_cfg.data, fixture_cfg.paths.raw, out)
+        normalise(fixture_cfg.data, raw_dir(fixture_cfg), out)
     assert info.value.field == field and str(path) in str(info.value)
     assert "fetch" in str(info.value)  # says how to fix it
     assert [p.name for p in out.iterdir()] == ["train_x.npy"]  # nothing written, nothing lost
@@ -172,14 +172,16 @@ def test_normalise_names_the_corrupt_file_and_field(fixture_cfg, tmp_path, split
 
 
 def test_the_normalise_cli_exits_nonzero_with_the_message(fixture_overrides, fixture_cfg, tmp_path):
-    fetch(fixture_cfg.data, fixture_cfg.paths.raw)
-    _corrupt(tmp_path / "raw", fixture_cfg.data.files.train_images, lambda b: b[:-1])
+    fetch(fixture_cfg.data, raw_dir(fixture_cfg))  # where the stage reads: <paths.raw>/<data.name>/
+    _corrupt(raw_dir(fixture_cfg), fixture_cfg.data.files.train_images, lambda b: b[:-1])
     done = subprocess.run([sys.executable, "-m", "pipeline.normalise", *fixture_overrides,
                            f"hydra.run.dir={tmp_path / 'out'}"],
                           cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "file size" in done.stderr and fixture_cfg.data.files.train_images.name in done.stderr
+    assert str(raw_dir(fixture_cfg)) in done.stderr
     assert "Traceback" not in done.stderr
+    assert not list((tmp_path / "out").glob("*.npy")) and not (tmp_path / "processed").exists()
 
 
 # --- property-based tests of the IDX reader -----------------------------------
@@ -237,8 +239,7 @@ def test_unknown_backend_or_launcher_is_refused_by_the_cli(tmp_path, override, n
 
 def test_batch_larger_than_the_training_set_fails_before_a_run_starts(fixture_cfg, tmp_path):
     from pipeline.train import train
-    fetch(fixture_cfg.data, fixture_cfg.paths.raw)
-    normalise(fixture_cfg.data, fixture_cfg.paths.raw, fixture_cfg.paths.processed)
+    prepare(fixture_cfg)
     fixture_cfg.train.batch_size = 10_000
     with pytest.raises(PipelineError, match="train.batch_size=10000.*at most the 500"):
         train(fixture_cfg, tmp_path / "models")
@@ -247,10 +248,6 @@ def test_batch_larger_than_the_training_set_fails_before_a_run_starts(fixture_cf
 
 
 # --- training -----------------------------------------------------------------
-
-def _prepared(fixture_cfg):
-    fetch(fixture_cfg.data, fixture_cfg.paths.raw)
-    normalise(fixture_cfg.data, fixture_cfg.paths.raw, fixture_cfg.paths.processed)
 
 
 def _train_cli(overrides, out, **popen):
@@ -280,12 +277,12 @@ def _only_run():
 
 
 def test_divergence_fails_the_run_and_writes_no_model(fixture_overrides, fixture_cfg, tmp_path):
-    _prepared(fixture_cfg)
+    prepare(fixture_cfg)
     proc = _train_cli([*fixture_overrides, "train.lr=1e38"], tmp_path / "out")
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 2
     assert "diverged" in output and "train.lr" in output and "nan" in output
-    assert not (tmp_path / "out" / model.FILE).exists()
+    assert not (tmp_path / "out" / model_file.FILE).exists()
     run = _only_run()
     assert run.info.status == "FAILED"
     assert "diverged" in run.data.tags["failure_reason"]
@@ -293,13 +290,13 @@ def test_divergence_fails_the_run_and_writes_no_model(fixture_overrides, fixture
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupted_training_is_killed_cleanly(fixture_overrides, fixture_cfg, tmp_path, sig):
-    _prepared(fixture_cfg)
+    prepare(fixture_cfg)
     proc = _train_cli([*fixture_overrides, "train.epochs=100000"], tmp_path / "out")
     _wait_for_epoch(proc, 3)  # training is under way
     proc.send_signal(sig)
     proc.communicate(timeout=60)
     assert proc.returncode == 130
-    assert not (tmp_path / "out" / model.FILE).exists()
+    assert not (tmp_path / "out" / model_file.FILE).exists()
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.endswith(".tmp")]
     run = _only_run()
     assert run.info.status == "KILLED" and "interrupted" in run.data.tags["failure_reason"]
@@ -317,8 +314,9 @@ def test_interrupted_dvc_repro_then_the_next_repro_completes(repo_copy):
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
     proc.communicate(timeout=120)
     assert proc.returncode != 0
-    assert not (repo / "models" / model.FILE).exists()
+    assert not (repo / "models" / model_file.FILE).exists()
     out = run_ok(["dvc", "repro"], repo, env)
+    # resolve, fetch and normalise completed before the interrupt and are not run again
     assert stages_run(out) == ["train", "evaluate", "export_filters"]
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     client = mlflow.MlflowClient()
@@ -329,7 +327,7 @@ def test_interrupted_dvc_repro_then_the_next_repro_completes(repo_copy):
 # --- tracking -----------------------------------------------------------------
 
 def test_unreachable_tracking_server_fails_fast_and_writes_nothing(fixture_overrides, fixture_cfg, tmp_path):
-    _prepared(fixture_cfg)
+    prepare(fixture_cfg)
     uri = f"http://127.0.0.1:{free_port()}"
     started = time.monotonic()
     proc = _train_cli(fixture_overrides, tmp_path / "out", env=dict(os.environ, MLFLOW_TRACKING_URI=uri))
@@ -338,11 +336,11 @@ def test_unreachable_tracking_server_fails_fast_and_writes_nothing(fixture_overr
     assert proc.returncode == 2
     assert uri in output and "does not answer" in output and "MLFLOW_TRACKING_URI" in output
     assert elapsed < 30, f"took {elapsed:.1f} s to give up"
-    assert not (tmp_path / "out" / model.FILE).exists()
+    assert not (tmp_path / "out" / model_file.FILE).exists()
 
 
 def test_eight_processes_logging_at_once_to_a_fresh_store(fixture_overrides, fixture_cfg, tmp_path):
-    _prepared(fixture_cfg)
+    prepare(fixture_cfg)
     procs = [_train_cli([*fixture_overrides, f"seed={seed}"], tmp_path / f"job{seed}") for seed in range(8)]
     outputs = [proc.communicate(timeout=300)[0] for proc in procs]
     assert [proc.returncode for proc in procs] == [0] * 8, "\n".join(o[-2000:] for o in outputs)
@@ -365,14 +363,16 @@ def test_a_pickled_model_file_is_refused_not_unpickled(tmp_path):
     np.savez(tmp_path / "model.npz", W=np.zeros((10, 784), np.float32), b=np.zeros(10, np.float32),
              config=np.array([{"evil": "object"}], dtype=object))
     with pytest.raises(PipelineError, match="not a model written by the train stage"):
-        model.load(tmp_path / "model.npz")
+        model_file.load(tmp_path / "model.npz")
 
 
 def test_every_np_load_refuses_pickles():
-    for path in (PROJECT_ROOT / "src" / "pipeline").glob("*.py"):
+    paths = sorted((PROJECT_ROOT / "src" / "pipeline").rglob("*.py"))  # the subpackages too
+    assert any("np.load(" in path.read_text() for path in paths)
+    for path in paths:
         for line in path.read_text().splitlines():
             if "np.load(" in line:
-                assert "allow_pickle=False" in line, f"{path.name}: {line.strip()}"
+                assert "allow_pickle=False" in line, f"{path.relative_to(PROJECT_ROOT)}: {line.strip()}"
 
 
 def test_documented_servers_bind_loopback_only():

@@ -10,9 +10,10 @@ import threading
 import pytest
 
 from pipeline.config import SourceSpec
-from pipeline.errors import PipelineError
-from pipeline.fetch import _refuse_unsafe_member, fetch
 from pipeline.data.files import sha256_of
+from pipeline.data.sources import _refuse_unsafe_member
+from pipeline.errors import PipelineError
+from pipeline.fetch import fetch
 
 
 @pytest.fixture

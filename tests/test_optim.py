@@ -1,12 +1,12 @@
 """Optimizers and schedules against hand-computed steps."""
 
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from pipeline.optim import SGD, learning_rate
+from pipeline.core.hparams import Hyperparams
+from pipeline.core.optim import SGD, learning_rate
 
 
 def _layer():
@@ -60,22 +60,32 @@ def test_updates_stay_float32():
     ("cosine", [1.0] + [0.5 * (1 + math.cos(math.pi * e / 5)) for e in range(1, 5)]),
 ])
 def test_schedules(schedule, expected):
-    hp = SimpleNamespace(lr=1.0, epochs=5, schedule=schedule, step_epochs=2, gamma=0.5)
+    hp = Hyperparams(lr=1.0, epochs=5, schedule=schedule, step_epochs=2, gamma=0.5)
     assert [learning_rate(hp, e) for e in range(1, 6)] == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("nesterov", [False, True])
-def test_a_layer_with_its_bias_folded_in_steps_like_the_separate_one(nesterov):
-    """(W, None) with the bias as W's last column (model.gradients' bias trick): same
-    update, and weight decay still leaves the bias alone."""
-    separate = _layer()
-    folded = [(np.concatenate([separate[0][0], separate[0][1][:, None]], axis=1), None)]
-    G_folded = [(np.concatenate([G[0][0], G[0][1][:, None]], axis=1), None)]
-    kw = dict(momentum=0.9, nesterov=nesterov, weight_decay=0.1)
-    opt_separate, opt_folded = SGD(np, separate, **kw), SGD(np, folded, **kw)
-    for _ in range(3):
-        opt_separate.step(separate, G, lr=0.1)
-        opt_folded.step(folded, G_folded, lr=0.1)
-    np.testing.assert_allclose(folded[0][0][:, :-1], separate[0][0], rtol=1e-6)
-    np.testing.assert_allclose(folded[0][0][:, -1], separate[0][1], rtol=1e-6)
-    assert folded[0][1] is None
+def test_an_unknown_schedule_is_refused():
+    with pytest.raises(ValueError, match="unknown schedule 'linear'"):
+        learning_rate(Hyperparams(schedule="linear"), 1)
+
+
+def test_momentum_with_weight_decay_two_steps_by_hand():
+    layers = _layer()
+    opt = SGD(np, layers, momentum=0.9, weight_decay=0.1)
+    opt.step(layers, G, lr=0.1)  # g' = 0.1 + 0.1 * 1 = 0.2;       v = 0.2;          w = 1 - 0.02 = 0.98
+    opt.step(layers, G, lr=0.1)  # g' = 0.1 + 0.1 * 0.98 = 0.198;  v = 0.18 + 0.198; w -= 0.1 * v
+    np.testing.assert_allclose(layers[0][0][0, 0], 0.98 - 0.1 * (0.9 * 0.2 + 0.198), rtol=1e-6)
+    np.testing.assert_allclose(layers[0][1][0], 0.5 + 0.03 + 0.057, rtol=1e-6)  # the bias: no decay
+
+
+def test_an_mlp_steps_every_layer():
+    layers = [(np.ones((3, 2), np.float32), np.ones(3, np.float32)),
+              (np.ones((1, 3), np.float32), np.ones(1, np.float32))]
+    grads = [(np.full((3, 2), 0.5, np.float32), np.full(3, 0.5, np.float32)),
+             (np.full((1, 3), 2.0, np.float32), np.full(1, 2.0, np.float32))]
+    opt = SGD(np, layers, momentum=0.5)
+    for _ in range(2):
+        opt.step(layers, grads, lr=0.1)  # v = g, then 1.5 g: w = 1 - 0.1 * 2.5 g
+    for (W, b), (gW, gb) in zip(layers, grads, strict=True):
+        np.testing.assert_allclose(W, 1 - 0.25 * gW, rtol=1e-6)
+        np.testing.assert_allclose(b, 1 - 0.25 * gb, rtol=1e-6)

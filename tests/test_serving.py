@@ -12,21 +12,21 @@ import mlflow
 import numpy as np
 import pytest
 
-from conftest import free_port
-from pipeline import model, train
-from pipeline.fetch import fetch
-from pipeline.normalise import load_split, normalise
+from conftest import free_port, prepare
+from pipeline import train
+from pipeline.core import model
+from pipeline.data import model_file
+from pipeline.data.splits import load_split
 
 
 @pytest.fixture
 def trained(fixture_cfg, tmp_path):
-    fetch(fixture_cfg.data, fixture_cfg.paths.raw)
-    normalise(fixture_cfg.data, fixture_cfg.paths.raw, fixture_cfg.paths.processed)
+    prepare(fixture_cfg)
     fixture_cfg.evaluate_after_train = False
     train.train(fixture_cfg, tmp_path / "run")
     run_id = json.loads((tmp_path / "run" / "run.json").read_text())["run_id"]
     test_x, test_y = load_split(fixture_cfg.paths.processed, "test")
-    layers, _ = model.load(tmp_path / "run" / model.FILE)
+    layers, _ = model_file.load(tmp_path / "run" / model_file.FILE)
     expected = np.argmax(model.forward(np, layers, test_x)[1], axis=0)
     return run_id, test_x, test_y, expected
 

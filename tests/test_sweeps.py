@@ -8,17 +8,15 @@ import sys
 
 import mlflow
 import pytest
+import yaml
 
+from conftest import prepare
 from pipeline.config import PROJECT_ROOT
-from pipeline.sweep import SUMMARY_CSV, SUMMARY_PNG
+from pipeline.tracking.sweep import SUMMARY_CSV, SUMMARY_PNG
 
 
 def _sweep(fixture_cfg, fixture_overrides, tmp_path, *args, timeout=600):
-    from pipeline.fetch import fetch
-    from pipeline.normalise import normalise
-
-    fetch(fixture_cfg.data, fixture_cfg.paths.raw)
-    normalise(fixture_cfg.data, fixture_cfg.paths.raw, fixture_cfg.paths.processed)
+    prepare(fixture_cfg)
     done = subprocess.run([sys.executable, "-m", "pipeline.train", "-m", *fixture_overrides, *args,
                            f"hydra.sweep.dir={tmp_path / 'multirun'}"],
                           cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout)
@@ -32,9 +30,17 @@ def _sweep(fixture_cfg, fixture_overrides, tmp_path, *args, timeout=600):
     return client, parent, children
 
 
-def _dvc_status():
-    return subprocess.run(["dvc", "status"], cwd=PROJECT_ROOT, capture_output=True, text=True,
-                          env=dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")).stdout
+def _dvc_outputs():
+    """(size, mtime) of every file of every output dvc.yaml declares, in the checkout
+    the sweep runs from. Read directly rather than by `dvc status`, so that the
+    test never runs DVC in the checkout itself."""
+    found = {}
+    for spec in yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"].values():
+        for entry in spec.get("outs", []) + spec.get("metrics", []) + spec.get("plots", []):
+            path = PROJECT_ROOT / (entry if isinstance(entry, str) else next(iter(entry)))
+            for file in ([path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())):
+                found[str(file.relative_to(PROJECT_ROOT))] = (file.stat().st_size, file.stat().st_mtime_ns)
+    return found
 
 
 def _check_child(client, run, epochs=3):
@@ -42,10 +48,12 @@ def _check_child(client, run, epochs=3):
     assert "test/accuracy" in run.data.metrics
     paths = {a.path for top in ("filters", "model") for a in client.list_artifacts(run.info.run_id, top)}
     assert "filters/filters.png" in paths and "model/MLmodel" in paths
+    assert "filters/filter_0_0.png" in paths
+    assert run.data.tags["data.name"] == "mnist" and "data.train_images.sha256" in run.data.tags
 
 
 def test_serial_sweep_with_a_diverging_job(fixture_cfg, fixture_overrides, tmp_path):
-    before = _dvc_status()
+    before = _dvc_outputs()
     client, parent, children = _sweep(fixture_cfg, fixture_overrides, tmp_path, "train.lr=0.01,0.1,1e38")
     assert sorted(float(r.data.params["train.lr"]) for r in children) == [0.01, 0.1, 1e38]
     by_lr = {float(r.data.params["train.lr"]): r for r in children}
@@ -66,11 +74,11 @@ def test_serial_sweep_with_a_diverging_job(fixture_cfg, fixture_overrides, tmp_p
     assert rows[1e38]["status"] == "FAILED" and "diverged" in rows[1e38]["failure_reason"]
     assert float(rows[0.1]["test/accuracy"]) == pytest.approx(by_lr[0.1].data.metrics["test/accuracy"])
     assert len(list((tmp_path / "multirun").glob("*/model.npz"))) == 2  # job outputs under multirun/
-    assert _dvc_status() == before
+    assert _dvc_outputs() == before
 
 
 def test_joblib_sweep_four_jobs_at_once(fixture_cfg, fixture_overrides, tmp_path):
-    before = _dvc_status()
+    before = _dvc_outputs()
     client, parent, children = _sweep(fixture_cfg, fixture_overrides, tmp_path,
                                       "hydra/launcher=joblib", "hydra.launcher.n_jobs=4",
                                       "train.lr=0.01,0.03,0.1,0.3")
@@ -80,7 +88,7 @@ def test_joblib_sweep_four_jobs_at_once(fixture_cfg, fixture_overrides, tmp_path
         _check_child(client, run)
     assert parent.data.tags["sweep.jobs"] == "4" and parent.data.tags["sweep.failed"] == "0"
     assert {SUMMARY_CSV, SUMMARY_PNG} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert _dvc_status() == before
+    assert _dvc_outputs() == before
 
 
 def test_optuna_search_over_lr(fixture_cfg, fixture_overrides, tmp_path):

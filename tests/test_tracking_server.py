@@ -15,7 +15,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from conftest import free_port
+from conftest import free_port, prepare
 from pipeline.config import PROJECT_ROOT
 
 BIN = Path(sys.executable).parent
@@ -83,11 +83,7 @@ def tracking_server(request, tmp_path):
 
 def test_parallel_sweep_logs_to_a_tracking_server(tracking_server, fixture_cfg, fixture_overrides,
                                                   tmp_path, monkeypatch):
-    from pipeline.fetch import fetch
-    from pipeline.normalise import normalise
-
-    fetch(fixture_cfg.data, fixture_cfg.paths.raw)
-    normalise(fixture_cfg.data, fixture_cfg.paths.raw, fixture_cfg.paths.processed)
+    prepare(fixture_cfg)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_server)
     done = subprocess.run(
         [sys.executable, "-m", "pipeline.train", "-m", *fixture_overrides, "hydra/launcher=joblib",
@@ -103,4 +99,5 @@ def test_parallel_sweep_logs_to_a_tracking_server(tracking_server, fixture_cfg, 
     for run in children:
         assert run.info.status == "FINISHED" and "test/accuracy" in run.data.metrics
         assert "filters/filters.png" in {a.path for a in client.list_artifacts(run.info.run_id, "filters")}
+        assert run.data.tags["data.train_images.sha256"] == fixture_cfg.data.files.train_images.sha256
     assert parent.data.tags["sweep.jobs"] == "2"

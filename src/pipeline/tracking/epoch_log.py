@@ -28,7 +28,7 @@ class EpochLog:
     def __init__(self, every_s=1.0):
         run = mlflow.active_run()
         if run is None:
-            raise PipelineError("tracking.EpochLog needs an active MLflow run (open one with training_run)")
+            raise PipelineError("pipeline.tracking.epoch_log.EpochLog needs an active MLflow run (open one with training_run)")
         self.run_id, self.every_s = run.info.run_id, every_s
         self.client = mlflow.MlflowClient()
         self.pending, self.written_at = [], time.monotonic()
