@@ -1,0 +1,40 @@
+"""The committed dvc.lock matches the code and config of this tree: on a clean
+copy of the tracked files, `dvc status` may report missing data and models,
+nothing else (a stale lock makes every fresh clone retrain)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import run_ok
+from pipeline.config import PROJECT_ROOT
+
+MISSING = {"deleted", "not in cache"}
+
+
+def test_the_committed_lock_matches_code_and_params(tmp_path):
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                            check=True).stdout
+    repo = tmp_path / "clone"
+    for rel in filter(None, listed.split("\0")):
+        if (PROJECT_ROOT / rel).is_file():
+            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(PROJECT_ROOT / rel, repo / rel)
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    run_ok(["git", "init", "-q"], repo, env)
+    status = json.loads(run_ok(["dvc", "status", "--json"], repo, env) or "{}")
+    wrong = {}
+    for stage, changes in status.items():
+        for change in changes:
+            if not isinstance(change, dict):  # e.g. "changed command"
+                wrong.setdefault(stage, []).append(change)
+                continue
+            for kind, paths in change.items():
+                for path, state in paths.items():
+                    data = kind in ("changed outs",) or path.startswith(("data/", "models/"))
+                    if not (data and state in MISSING):
+                        wrong.setdefault(stage, []).append(f"{kind}: {path}: {state}")
+    assert not wrong, f"dvc.lock is stale; run `dvc repro` and commit dvc.lock: {wrong}"
