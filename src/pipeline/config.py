@@ -76,8 +76,8 @@ class ModelConfig:
 @dataclass
 class BackendConfig:
     name: str = MISSING
-    # CPU BLAS threads while training. 1 by default: on 2 cores, two BLAS threads
-    # ran 20x slower when anything else was busy (measured), and small matrices gain little.
+    # CPU BLAS threads while training. 1 by default: two BLAS threads on a 2-core machine
+    # collapse when anything else runs, and these small matrices gain little from threads.
     threads: int = 1
     # Speed paths where they apply (pipeline.core.codes); false: the plain lecture code everywhere.
     fast: bool = True

@@ -15,11 +15,10 @@ class EpochLog:
     """Per-epoch metrics for the active run, written in batches: one store write
     (MlflowClient.log_batch) when `every_s` seconds have passed since the last,
     and one on close, also when training failed. Each metric keeps its epoch as
-    step and the time the epoch ended. Why: an epoch of softmax regression takes
-    about 0.15 s; one write to the SQLite store took 13-14 ms here (6 epochs in
-    one batch: 23 ms), and MLflow's own background logging slowed each epoch by
-    17 ms (its thread competes for the GIL). The UI still sees the curves grow
-    every `every_s` seconds. A write that fails during training (a server
+    step and the time the epoch ended. Why: a write to the SQLite store costs
+    about a tenth of an epoch of softmax regression, and MLflow's own background
+    logging competes for the GIL (figures in benchmarks/README.md). The UI still
+    sees the curves grow every `every_s` seconds. A write that fails during training (a server
     hiccup, a locked SQLite file) is retried at the next interval rather than
     ending the training; the write on close must succeed."""
 
