@@ -8,7 +8,7 @@ Same data (55,000 training images, 5,000 validation), same model, same batch
 size and epochs, same BLAS thread count, measured in one run. Our figure is a
 whole `fit` epoch (shuffle, SGD steps, training and validation metrics) plus
 logging it to a throwaway MLflow SQLite store as the train stage does, in
-batches (tracking.EpochLog): every write to the store, the last one included,
+batches (pipeline.tracking.epoch_log): every write to the store, the last one included,
 is shared out over the run's epochs. The work done once per run before the
 first epoch (device copies, pixel codes) is printed apart as "setup".
 PyTorch's loop shuffles, steps and validates every epoch. The floor is one
@@ -25,7 +25,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -35,17 +34,20 @@ CASES = {"softmax": [], "mlp 784-256-10": [256]}
 
 
 def hyperparameters(hidden, epochs, batch=128):
+    from pipeline.core.hparams import Hyperparams
+
     momentum = 0.9 if hidden else 0.0
     lr = 0.05 if hidden else (0.2 if batch > 1 else 0.01)
-    return SimpleNamespace(lr=lr, epochs=epochs, batch_size=batch, momentum=momentum,
-                           nesterov=False, weight_decay=0.0, schedule="constant", step_epochs=1, gamma=1.0)
+    return Hyperparams(lr=lr, epochs=epochs, batch_size=batch, momentum=momentum,
+                       nesterov=False, weight_decay=0.0, schedule="constant", step_epochs=1, gamma=1.0)
 
 
 def ours(hidden, data, epochs, batch=128):
     import mlflow
 
-    from pipeline import backend, model, tracking
-    from pipeline.trainer import fit
+    from pipeline.core import backend, model
+    from pipeline.core.trainer import fit
+    from pipeline.tracking.epoch_log import EpochLog
 
     be = backend.select("numpy")
     with tempfile.TemporaryDirectory() as tmp:
@@ -55,7 +57,7 @@ def ours(hidden, data, epochs, batch=128):
             layers = [(be.to_device(W), be.to_device(b)) for W, b in model.init_params(rng, [784, *hidden, 10])]
             epoch_times, logging = [], 0.0
             started = time.perf_counter()
-            with tracking.EpochLog() as log_epoch:  # as the train stage logs
+            with EpochLog() as log_epoch:  # as the train stage logs
 
                 def log_and_time(epoch, row):
                     nonlocal logging
@@ -130,7 +132,7 @@ def main():
     parser.add_argument("--threads", type=int, default=1, help="BLAS/torch threads for every contender")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
-    from pipeline.normalise import load_split
+    from pipeline.data.splits import load_split
 
     import torch
 

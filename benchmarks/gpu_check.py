@@ -11,13 +11,13 @@
    the first CuPy epoch, which compiles kernels, does not count.
 """
 
+import argparse
 import os
 import platform
 import statistics
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -27,13 +27,14 @@ MODELS = {"softmax": [], "mlp 256": [256]}
 
 
 def seconds_per_epoch(be, hidden, batch, data, epochs=3):
-    from pipeline import model
-    from pipeline.trainer import fit
+    from pipeline.core import model
+    from pipeline.core.hparams import Hyperparams
+    from pipeline.core.trainer import fit
 
     rng = np.random.default_rng(0)
     layers = [(be.to_device(W), be.to_device(b)) for W, b in model.init_params(rng, [784, *hidden, 10])]
-    hp = SimpleNamespace(lr=0.1, epochs=epochs, batch_size=batch, momentum=0.0, nesterov=False,
-                         weight_decay=0.0, schedule="constant", step_epochs=1, gamma=1.0)
+    hp = Hyperparams(lr=0.1, epochs=epochs, batch_size=batch, momentum=0.0, nesterov=False,
+                     weight_decay=0.0, schedule="constant", step_epochs=1, gamma=1.0)
     times = []
     history = fit(be, hp, rng, layers, data["train"], data["val"], 10,
                   on_epoch=lambda epoch, row: times.append(row["time/epoch_seconds"]))
@@ -41,12 +42,13 @@ def seconds_per_epoch(be, hidden, batch, data, epochs=3):
 
 
 def main():
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # no options; --help works
     tests = subprocess.run([sys.executable, "-m", "pytest", "-rs", "-q", "-p", "no:cacheprovider",
                             str(ROOT / "tests" / "test_backends.py")], cwd=ROOT)
     import cupy
 
-    from pipeline import backend
-    from pipeline.normalise import load_split
+    from pipeline.core import backend
+    from pipeline.data.splits import load_split
 
     data = {split: load_split(ROOT / "data" / "processed", split) for split in ("train", "val")}
     numpy_be, cupy_be = backend.select("numpy"), backend.select("cupy")

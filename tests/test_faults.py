@@ -3,7 +3,6 @@ half-written output, and nothing already good lost."""
 
 import gzip
 import http.server
-import io
 import os
 import signal
 import socket

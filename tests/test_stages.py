@@ -142,6 +142,12 @@ def test_train_learns_logs_and_is_deterministic(fixture_cfg, tmp_path):
     train.train(fixture_cfg, tmp_path / "again")
     assert (tmp_path / "again" / model_file.FILE).read_bytes() == (
         tmp_path / "models" / model_file.FILE).read_bytes()
+    # Settings that change no result (LOCAL_KEYS) leave no trace in the model file.
+    fixture_cfg.mlflow.experiment, fixture_cfg.data.timeout_s = "elsewhere", 3.0
+    fixture_cfg.data.sources[0].path = str(tmp_path / "another" / "mirror")
+    train.train(fixture_cfg, tmp_path / "local-keys")
+    assert (tmp_path / "local-keys" / model_file.FILE).read_bytes() == (
+        tmp_path / "models" / model_file.FILE).read_bytes()
 
 
 def test_batch_size_one_is_the_lecture_sgd(fixture_cfg, tmp_path):
@@ -205,7 +211,10 @@ def test_a_run_missing_from_the_store_is_continued_in_a_tagged_new_run(fixture_c
     (tmp_path / "models" / runs.RUN_FILE).write_text('{"run_id": "0123456789abcdef"}')
     with runs.reopened_run(fixture_cfg, manifest, tmp_path / "models"):
         mlflow.log_metric("test/accuracy", 0.5)
+    with runs.reopened_run(fixture_cfg, None, tmp_path / "models"):  # export_filters, later: same run
+        mlflow.log_metric("filters/exported", 1)
     (run,) = _runs(fixture_cfg)
+    assert run.data.metrics["filters/exported"] == 1
     assert run.info.status == "FINISHED" and run.data.tags["restored_from_run_id"] == "0123456789abcdef"
     assert run.data.params["train.lr"] == "0.1" and run.data.metrics["test/accuracy"] == 0.5
     assert run.data.tags["data.name"] == fixture_cfg.data.name

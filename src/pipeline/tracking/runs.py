@@ -99,18 +99,22 @@ def training_run(cfg, manifest, out_dir):
 @contextlib.contextmanager
 def reopened_run(cfg, manifest, model_dir):
     """Reopen the run that trained the model in model_dir. If the store does
-    not have it (outputs restored by DVC on another machine), start a new run
-    tagged with the old id rather than fail."""
+    not have it (outputs restored by DVC on another machine), continue the run
+    tagged with the old id, or start it: evaluate and export_filters then share
+    one run there too."""
     open_store()
     run_file = Path(model_dir) / RUN_FILE
     run_id = json.loads(run_file.read_text())["run_id"] if run_file.is_file() else None
     if run_id and _run_exists(run_id):
-        run = mlflow.start_run(run_id=run_id)
-        restored = False
+        run, restored = mlflow.start_run(run_id=run_id), False
     else:
-        log.warning("run %s (from %s) is not in %s; logging to a new run", run_id, run_file, tracking_uri())
-        run = mlflow.start_run(experiment_id=experiment_id(cfg.mlflow.experiment))
-        restored = True
+        experiment = experiment_id(cfg.mlflow.experiment)
+        earlier = mlflow.MlflowClient().search_runs(
+            [experiment], filter_string=f"tags.restored_from_run_id = '{run_id}'", max_results=1)
+        log.warning("run %s (from %s) is not in %s; logging to %s", run_id, run_file, tracking_uri(),
+                    f"run {earlier[0].info.run_id}, which continues it" if earlier else "a new run")
+        restored = not earlier
+        run = mlflow.start_run(run_id=earlier[0].info.run_id) if earlier else mlflow.start_run(experiment_id=experiment)
     with _ended_with_status():
         if restored:
             _describe_run(cfg, manifest)
