@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from hydra import compose, initialize_config_dir
 
 from pipeline.config import CONF_DIR, PROJECT_ROOT, validate
@@ -150,3 +151,76 @@ def repo_copy(tmp_path, real_mnist):
     run_ok(["git", "add", "-A"], repo, env)
     run_ok(["git", "commit", "-qm", "copy"], repo, env)
     return repo, env
+
+
+# --- a reproduced git + DVC copy of the repository on small fixture datasets ----
+
+CLASSES = {"fixture_a": [str(i) for i in range(10)], "fixture_b": [f"c{i}/x" for i in range(10)]}
+
+
+def fixture_dataset_conf(name, root, seed):
+    """conf/data/<name>.yaml for a synthetic dataset written to root in IDX format."""
+    rng = np.random.default_rng(seed)
+    (train_x, train_y), (test_x, test_y) = synthetic_digits(rng, 600), synthetic_digits(rng, 200)
+    files = {}
+    for key, array in {"train_images": train_x, "train_labels": train_y,
+                       "test_images": test_x, "test_labels": test_y}.items():
+        blob = encode_idx(array)
+        file_name = key.replace("_", "-") + "-idx-ubyte"
+        (root / file_name).write_bytes(blob)
+        files[key] = {"name": file_name, "size": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+    return {"name": name, "files": files, "sources": [{"kind": "local", "path": str(root)}],
+            "class_names": CLASSES[name], "val_size": 100, "timeout_s": 5}
+
+
+def edit(path, pattern, replacement):
+    text = path.read_text()
+    new, count = re.subn(pattern, replacement, text, flags=re.M)
+    assert count == 1, f"{pattern!r} not found once in {path}"
+    path.write_text(new)
+
+
+def dvc_env(store):
+    return dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+                MLFLOW_TRACKING_URI=f"sqlite:///{store / 'mlflow.db'}",
+                GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.invalid",
+                GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@example.invalid")
+
+
+@pytest.fixture(scope="session")
+def dvc_baseline(tmp_path_factory):
+    """A reproduced copy of the repository, trained on fixture_a: (repo dir, store dir)."""
+    top = tmp_path_factory.mktemp("config_flow")
+    repo, store = top / "repo", top / "store"
+    store.mkdir()
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            cwd=PROJECT_ROOT, capture_output=True, text=True, check=True).stdout
+    for rel in filter(None, listed.split("\0")):
+        if (PROJECT_ROOT / rel).is_file():
+            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(PROJECT_ROOT / rel, repo / rel)
+    for seed, name in enumerate(CLASSES):
+        (top / name).mkdir()
+        conf = fixture_dataset_conf(name, top / name, seed)
+        (repo / f"conf/data/{name}.yaml").write_text(yaml.safe_dump(conf, sort_keys=False))
+    edit(repo / "conf/config.yaml", r"^  - data: mnist$", "  - data: fixture_a")
+    edit(repo / "conf/train/sgd.yaml", r"^epochs: .*$", "epochs: 2")
+    edit(repo / "conf/train/sgd.yaml", r"^batch_size: .*$", "batch_size: 32")
+    env = dvc_env(store)
+    run_ok(["git", "init", "-q"], repo, env)
+    run_ok(["git", "add", "-A"], repo, env)
+    run_ok(["git", "commit", "-qm", "copy"], repo, env)
+    stages = ["resolve", "fetch", "normalise", "train", "evaluate", "export_filters"]
+    assert stages_run(run_ok(["dvc", "repro"], repo, env)) == stages
+    run_ok(["git", "add", "-A"], repo, env)
+    run_ok(["git", "commit", "-qm", "reproduced"], repo, env)
+    return repo, store
+
+
+@pytest.fixture
+def dvc_work(dvc_baseline, tmp_path):
+    """A fresh copy of the reproduced baseline (repository, DVC cache and MLflow store)."""
+    repo, store = tmp_path / "repo", tmp_path / "store"
+    shutil.copytree(dvc_baseline[0], repo, symlinks=True)
+    shutil.copytree(dvc_baseline[1], store)
+    return repo, dvc_env(store)

@@ -4,96 +4,21 @@ changed, and the outputs match conf/ afterwards.
 
 The copy trains on two small synthetic datasets in the real IDX format (conf/data/
 fixture_a.yaml, fixture_b.yaml, local sources), 2 epochs, so each case takes seconds.
-A baseline copy is built and reproduced once; each case starts from a copy of it.
+A baseline copy is built and reproduced once (conftest.dvc_baseline); each case
+starts from a copy of it (dvc_work).
 """
 
 import hashlib
-import os
-import re
-import shutil
 import subprocess
-import sys
-from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 
-from conftest import run_ok, stages_run, synthetic_digits
-from pipeline.config import PROJECT_ROOT
+from conftest import CLASSES, edit, run_ok, stages_run
 from pipeline.data import model_file
-from pipeline.data.idx import encode_idx
 
 ALL = ["resolve", "fetch", "normalise", "train", "evaluate", "export_filters"]
 FROM_TRAIN = ["resolve", "train", "evaluate", "export_filters"]
-CLASSES = {"fixture_a": [str(i) for i in range(10)], "fixture_b": [f"c{i}/x" for i in range(10)]}
-
-
-def _dataset_conf(name, root, seed):
-    """conf/data/<name>.yaml for a synthetic dataset written to root in IDX format."""
-    rng = np.random.default_rng(seed)
-    (train_x, train_y), (test_x, test_y) = synthetic_digits(rng, 600), synthetic_digits(rng, 200)
-    files = {}
-    for key, array in {"train_images": train_x, "train_labels": train_y,
-                       "test_images": test_x, "test_labels": test_y}.items():
-        blob = encode_idx(array)
-        file_name = key.replace("_", "-") + "-idx-ubyte"
-        (root / file_name).write_bytes(blob)
-        files[key] = {"name": file_name, "size": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
-    return {"name": name, "files": files, "sources": [{"kind": "local", "path": str(root)}],
-            "class_names": CLASSES[name], "val_size": 100, "timeout_s": 5}
-
-
-def _edit(path, pattern, replacement):
-    text = path.read_text()
-    new, count = re.subn(pattern, replacement, text, flags=re.M)
-    assert count == 1, f"{pattern!r} not found once in {path}"
-    path.write_text(new)
-
-
-def _env(store):
-    return dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-                MLFLOW_TRACKING_URI=f"sqlite:///{store / 'mlflow.db'}",
-                GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.invalid",
-                GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@example.invalid")
-
-
-@pytest.fixture(scope="module")
-def baseline(tmp_path_factory):
-    """A reproduced copy of the repository, trained on fixture_a: (repo dir, store dir)."""
-    top = tmp_path_factory.mktemp("config_flow")
-    repo, store = top / "repo", top / "store"
-    store.mkdir()
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                            cwd=PROJECT_ROOT, capture_output=True, text=True, check=True).stdout
-    for rel in filter(None, listed.split("\0")):
-        if (PROJECT_ROOT / rel).is_file():
-            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(PROJECT_ROOT / rel, repo / rel)
-    for seed, name in enumerate(CLASSES):
-        (top / name).mkdir()
-        conf = _dataset_conf(name, top / name, seed)
-        (repo / f"conf/data/{name}.yaml").write_text(yaml.safe_dump(conf, sort_keys=False))
-    _edit(repo / "conf/config.yaml", r"^  - data: mnist$", "  - data: fixture_a")
-    _edit(repo / "conf/train/sgd.yaml", r"^epochs: .*$", "epochs: 2")
-    _edit(repo / "conf/train/sgd.yaml", r"^batch_size: .*$", "batch_size: 32")
-    env = _env(store)
-    run_ok(["git", "init", "-q"], repo, env)
-    run_ok(["git", "add", "-A"], repo, env)
-    run_ok(["git", "commit", "-qm", "copy"], repo, env)
-    assert stages_run(run_ok(["dvc", "repro"], repo, env)) == ALL
-    run_ok(["git", "add", "-A"], repo, env)
-    run_ok(["git", "commit", "-qm", "reproduced"], repo, env)
-    return repo, store
-
-
-@pytest.fixture
-def work(baseline, tmp_path):
-    """A fresh copy of the reproduced baseline (repository, DVC cache and MLflow store)."""
-    repo, store = tmp_path / "repo", tmp_path / "store"
-    shutil.copytree(baseline[0], repo, symlinks=True)
-    shutil.copytree(baseline[1], store)
-    return repo, _env(store)
 
 
 def _repro(repo, env, expected):
@@ -118,58 +43,58 @@ def _digests(repo, *paths):
     return {p: hashlib.sha256((repo / p).read_bytes()).hexdigest() for p in paths}
 
 
-def test_edit_a_key_of_a_selected_file(work):
-    repo, env = work
-    _edit(repo / "conf/train/sgd.yaml", r"^lr: .*$", "lr: 0.05")
+def test_edit_a_key_of_a_selected_file(dvc_work):
+    repo, env = dvc_work
+    edit(repo / "conf/train/sgd.yaml", r"^lr: .*$", "lr: 0.05")
     _repro(repo, env, FROM_TRAIN)
     assert _trained_with(repo)["train"]["lr"] == 0.05
     diff = run_ok(["dvc", "params", "diff"], repo, env)  # effective values, against the last commit
     assert "params/resolved.yaml" in diff and "train.lr" in diff and "0.2" in diff and "0.05" in diff
 
 
-def test_switch_a_group_then_edit_its_selected_non_default_file(work):
-    repo, env = work
-    _edit(repo / "conf/config.yaml", r"^  - model: softmax$", "  - model: mlp")
+def test_switch_a_group_then_edit_its_selected_non_default_file(dvc_work):
+    repo, env = dvc_work
+    edit(repo / "conf/config.yaml", r"^  - model: softmax$", "  - model: mlp")
     _repro(repo, env, FROM_TRAIN)
     layers, config = model_file.load(repo / "models/model.npz")
     assert config["model"] == {"name": "mlp", "hidden": [256]} and layers[0][0].shape == (256, 784)
     assert len(list((repo / "filters").glob("unit_*.png"))) == 64
 
-    _edit(repo / "conf/model/mlp.yaml", r"^hidden: .*$", "hidden: [24]")
+    edit(repo / "conf/model/mlp.yaml", r"^hidden: .*$", "hidden: [24]")
     _repro(repo, env, FROM_TRAIN)
     layers, config = model_file.load(repo / "models/model.npz")
     assert config["model"]["hidden"] == [24] and layers[0][0].shape == (24, 784)
     assert len(list((repo / "filters").glob("unit_*.png"))) == 24  # no stale filter of the 256 units
 
-    _edit(repo / "conf/model/softmax.yaml", r"^hidden: .*$", "hidden: []  # edited")  # not selected
+    edit(repo / "conf/model/softmax.yaml", r"^hidden: .*$", "hidden: []  # edited")  # not selected
     _repro(repo, env, ["resolve"])
 
 
-def test_select_a_non_default_backend_file_then_edit_it(work):
-    repo, env = work
-    _edit(repo / "conf/config.yaml", r"^  - backend: numpy$", "  - backend: auto")
+def test_select_a_non_default_backend_file_then_edit_it(dvc_work):
+    repo, env = dvc_work
+    edit(repo / "conf/config.yaml", r"^  - backend: numpy$", "  - backend: auto")
     _repro(repo, env, FROM_TRAIN)  # the config saved in model.npz changed
-    _edit(repo / "conf/backend/auto.yaml", r"^threads: .*$", "threads: 2")
+    edit(repo / "conf/backend/auto.yaml", r"^threads: .*$", "threads: 2")
     _repro(repo, env, FROM_TRAIN)
     assert _trained_with(repo)["backend"]["threads"] == 2
 
 
-def test_edit_a_file_that_is_not_selected_reruns_nothing_after_resolve(work):
-    repo, env = work
+def test_edit_a_file_that_is_not_selected_reruns_nothing_after_resolve(dvc_work):
+    repo, env = dvc_work
     before = _digests(repo, "params/resolved.yaml", "models/model.npz")
-    _edit(repo / "conf/model/mlp.yaml", r"^hidden: .*$", "hidden: [17]")
-    _edit(repo / "conf/backend/cupy.yaml", r"^threads: .*$", "threads: 3")
-    _edit(repo / "conf/experiment/mlp.yaml", r"^  epochs: .*$", "  epochs: 7")
+    edit(repo / "conf/model/mlp.yaml", r"^hidden: .*$", "hidden: [17]")
+    edit(repo / "conf/backend/cupy.yaml", r"^threads: .*$", "threads: 3")
+    edit(repo / "conf/experiment/mlp.yaml", r"^  epochs: .*$", "  epochs: 7")
     _repro(repo, env, ["resolve"])
     assert _digests(repo, "params/resolved.yaml", "models/model.npz") == before
 
 
-def test_select_an_experiment_then_edit_it(work):
-    repo, env = work
-    _edit(repo / "conf/config.yaml", r"^  - experiment: null$", "  - experiment: softmax")
+def test_select_an_experiment_then_edit_it(dvc_work):
+    repo, env = dvc_work
+    edit(repo / "conf/config.yaml", r"^  - experiment: null$", "  - experiment: softmax")
     _repro(repo, env, FROM_TRAIN)
     assert _trained_with(repo)["train"]["schedule"] == "cosine"
-    _edit(repo / "conf/experiment/softmax.yaml", r"^  epochs: .*$", "  epochs: 3")
+    edit(repo / "conf/experiment/softmax.yaml", r"^  epochs: .*$", "  epochs: 3")
     _repro(repo, env, FROM_TRAIN)
     assert _trained_with(repo)["train"]["epochs"] == 3
     assert len((repo / "models/history.csv").read_text().splitlines()) == 1 + 3
@@ -180,32 +105,32 @@ def test_select_an_experiment_then_edit_it(work):
     ("conf/config.yaml", r"^  processed: data/processed$", "  processed: data/processed  # same"),
     ("conf/data/fixture_a.yaml", r"^timeout_s: .*$", "timeout_s: 9"),
 ], ids=["mlflow-experiment", "comment", "data-timeout"])
-def test_a_key_that_is_no_stages_param_reruns_nothing_after_resolve(work, file, pattern, replacement):
-    repo, env = work
+def test_a_key_that_is_no_stages_param_reruns_nothing_after_resolve(dvc_work, file, pattern, replacement):
+    repo, env = dvc_work
     before = _digests(repo, "params/resolved.yaml")
-    _edit(repo / file, pattern, replacement)
+    edit(repo / file, pattern, replacement)
     _repro(repo, env, ["resolve"])
     assert _digests(repo, "params/resolved.yaml") == before
 
 
-def test_a_key_only_export_uses_reruns_only_export(work):
-    repo, env = work
-    _edit(repo / "conf/config.yaml", r"^  cmap: RdBu_r$", "  cmap: PiYG")
+def test_a_key_only_export_uses_reruns_only_export(dvc_work):
+    repo, env = dvc_work
+    edit(repo / "conf/config.yaml", r"^  cmap: RdBu_r$", "  cmap: PiYG")
     _repro(repo, env, ["resolve", "export_filters"])
     assert _resolved(repo)["export"]["cmap"] == "PiYG"
 
 
-def test_change_a_schema_default(work):
-    repo, env = work
-    _edit(repo / "src/pipeline/config.py", r"^    fast: bool = True$", "    fast: bool = False")
+def test_change_a_schema_default(dvc_work):
+    repo, env = dvc_work
+    edit(repo / "src/pipeline/config.py", r"^    fast: bool = True$", "    fast: bool = False")
     env = dict(env, PYTHONPATH=str(repo / "src"))  # the copy's code, not the checkout's
     _repro(repo, env, FROM_TRAIN)
     assert _resolved(repo)["backend"]["fast"] is False and _trained_with(repo)["backend"]["fast"] is False
 
 
-def test_switch_the_dataset_reruns_everything_and_labels_follow_the_data(work):
-    repo, env = work
-    _edit(repo / "conf/config.yaml", r"^  - data: fixture_a$", "  - data: fixture_b")
+def test_switch_the_dataset_reruns_everything_and_labels_follow_the_data(dvc_work):
+    repo, env = dvc_work
+    edit(repo / "conf/config.yaml", r"^  - data: fixture_a$", "  - data: fixture_b")
     _repro(repo, env, ALL)
     manifest = yaml.safe_load((repo / "data/processed/manifest.json").read_text())
     assert manifest["dataset"] == "fixture_b" and manifest["class_names"] == CLASSES["fixture_b"]
@@ -216,8 +141,10 @@ def test_switch_the_dataset_reruns_everything_and_labels_follow_the_data(work):
         f"filter_{i}_c{i}-x.png" for i in range(10))  # a '/' in a class name makes no directory
     assert {p.name for p in (repo / "data/raw").iterdir()} == {"fixture_a", "fixture_b"}
 
-    _edit(repo / "conf/config.yaml", r"^  - data: fixture_b$", "  - data: fixture_a")
-    _repro(repo, env, ALL)  # back: fetch finds its files verified and fetches nothing
+    edit(repo / "conf/config.yaml", r"^  - data: fixture_b$", "  - data: fixture_a")
+    out = run_ok(["dvc", "repro"], repo, env)  # back: fetch finds its files verified and fetches nothing,
+    assert stages_run(out)[:3] == ["resolve", "fetch", "normalise"] and "train" not in stages_run(out)
+    assert "Stage 'train' is cached - skipping run" in out  # and DVC's run cache has the model
     assert _trained_with(repo)["data"]["name"] == "fixture_a"
 
 
@@ -227,12 +154,12 @@ def test_switch_the_dataset_reruns_everything_and_labels_follow_the_data(work):
     ("conf/train/sgd.yaml", r"^epochs: .*$", "epochs: many", "epochs"),
     ("conf/data/fixture_a.yaml", r"^val_size: .*$", "val_size: 0", "data.val_size=0"),
 ], ids=["negative-lr", "softmax-hidden", "wrong-type", "val-size"])
-def test_a_bad_value_fails_before_anything_is_deleted(work, file, pattern, replacement, key):
-    repo, env = work
+def test_a_bad_value_fails_before_anything_is_deleted(dvc_work, file, pattern, replacement, key):
+    repo, env = dvc_work
     kept = ["params/resolved.yaml", "models/model.npz", "models/history.csv", "reports/metrics.json",
             "data/processed/train_x.npy", "filters/filters.png"]
     before = _digests(repo, *kept)
-    _edit(repo / file, pattern, replacement)
+    edit(repo / file, pattern, replacement)
     done = subprocess.run(["dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     assert key in done.stdout + done.stderr
@@ -240,10 +167,10 @@ def test_a_bad_value_fails_before_anything_is_deleted(work, file, pattern, repla
     assert _digests(repo, *kept) == before
 
 
-def test_a_single_stage_run_against_a_stale_resolved_file_refuses_and_keeps_the_model(work):
-    repo, env = work
+def test_a_single_stage_run_against_a_stale_resolved_file_refuses_and_keeps_the_model(dvc_work):
+    repo, env = dvc_work
     before = _digests(repo, "models/model.npz", "models/history.csv")
-    _edit(repo / "conf/train/sgd.yaml", r"^lr: .*$", "lr: 0.07")
+    edit(repo / "conf/train/sgd.yaml", r"^lr: .*$", "lr: 0.07")
     # Without resolve, DVC sees no change in train's params; forced, train must refuse.
     assert "didn't change" in run_ok(["dvc", "repro", "-s", "train"], repo, env)
     done = subprocess.run(["dvc", "repro", "-s", "-f", "train"], cwd=repo, env=env, capture_output=True,

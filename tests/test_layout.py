@@ -3,10 +3,8 @@ only importer of mlflow, and every stage's code deps in dvc.yaml exactly the
 files its imports reach."""
 
 import ast
-import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml

@@ -9,10 +9,8 @@ run cache, locally and through the remote.
 """
 
 import hashlib
-import shutil
 
-from conftest import run_ok, stages_run
-from test_config_flow import _edit, _env, baseline, work  # noqa: F401 (fixtures)
+from conftest import dvc_env, edit, run_ok, stages_run
 
 
 def _use_remote(repo, env, remote):
@@ -30,14 +28,14 @@ def _clone(source, target, env, remote):
     return target
 
 
-def test_push_then_a_fresh_clone_pulls_and_is_up_to_date(work, tmp_path):
-    repo, env = work
+def test_push_then_a_fresh_clone_pulls_and_is_up_to_date(dvc_work, tmp_path):
+    repo, env = dvc_work
     remote = tmp_path / "remote"
     _use_remote(repo, env, remote)
     run_ok(["dvc", "push"], repo, env)
-    clone = _clone(repo, tmp_path / "clone", _env(tmp_path / "store2"), remote)
+    clone = _clone(repo, tmp_path / "clone", dvc_env(tmp_path / "store2"), remote)
     (tmp_path / "store2").mkdir()
-    env2 = _env(tmp_path / "store2")  # a second machine: its own, empty MLflow store
+    env2 = dvc_env(tmp_path / "store2")  # a second machine: its own, empty MLflow store
     assert not (clone / "models/model.npz").exists()
     run_ok(["dvc", "pull"], clone, env2)
     for path in ("data/processed/train_x.npy", "models/model.npz", "models/history.csv", "filters/filters.png"):
@@ -53,17 +51,17 @@ def test_push_then_a_fresh_clone_pulls_and_is_up_to_date(work, tmp_path):
         assert _sha(tmp_path / "filters" / png.name) == _sha(png), png.name
 
 
-def test_a_config_already_trained_is_restored_from_the_run_cache(work, tmp_path):
-    repo, env = work
+def test_a_config_already_trained_is_restored_from_the_run_cache(dvc_work, tmp_path):
+    repo, env = dvc_work
     remote = tmp_path / "remote"
     _use_remote(repo, env, remote)
     run_ok(["dvc", "push", "--run-cache"], repo, env)  # lr 0.2, the baseline
     trained = _sha(repo / "models/model.npz")
-    _edit(repo / "conf/train/sgd.yaml", r"^lr: .*$", "lr: 0.05")
+    edit(repo / "conf/train/sgd.yaml", r"^lr: .*$", "lr: 0.05")
     assert "train" in stages_run(run_ok(["dvc", "repro"], repo, env))
     run_ok(["dvc", "push", "--run-cache"], repo, env)  # after each repro, as on a shared remote
     at_005 = _sha(repo / "models/model.npz")
-    _edit(repo / "conf/train/sgd.yaml", r"^lr: .*$", "lr: 0.2")
+    edit(repo / "conf/train/sgd.yaml", r"^lr: .*$", "lr: 0.2")
     out = run_ok(["dvc", "repro"], repo, env)
     assert "train" not in stages_run(out) and "Stage 'train' is cached - skipping run" in out, out
     assert _sha(repo / "models/model.npz") == trained
@@ -71,10 +69,10 @@ def test_a_config_already_trained_is_restored_from_the_run_cache(work, tmp_path)
     # A fresh clone that never trained lr 0.05 restores it through the remote:
     # the run cache says which outputs, `dvc repro --pull` fetches them.
     (tmp_path / "store2").mkdir()
-    env2 = _env(tmp_path / "store2")
+    env2 = dvc_env(tmp_path / "store2")
     clone = _clone(repo, tmp_path / "clone", env2, remote)
     run_ok(["dvc", "pull", "--run-cache"], clone, env2)
-    _edit(clone / "conf/train/sgd.yaml", r"^lr: .*$", "lr: 0.05")
+    edit(clone / "conf/train/sgd.yaml", r"^lr: .*$", "lr: 0.05")
     out = run_ok(["dvc", "repro", "--pull"], clone, env2)
     assert "train" not in stages_run(out) and "Stage 'train' is cached - skipping run" in out, out
     assert _sha(clone / "models/model.npz") == at_005
