@@ -13,6 +13,7 @@ goes on (the train stage returns NaN for it instead of raising); the summary
 marks it.
 """
 
+import atexit
 import csv
 import io
 import logging
@@ -45,8 +46,16 @@ class SweepCallback(Callback):
         self.parent_id = parent.info.run_id
         os.environ[PARENT_ENV] = self.parent_id
         log.info("MLflow parent run %s for this sweep", self.parent_id)
+        # Hydra calls on_multirun_end only when every job returned. A job that ends
+        # without a result (cancelled or timed out by SLURM, its node lost) makes the
+        # launcher raise, and Hydra exits with sys.exit(1): the summary is then written here.
+        atexit.register(self._summarise, config, aborted=True)
 
     def on_multirun_end(self, config, **kwargs):
+        atexit.unregister(self._summarise)
+        self._summarise(config, aborted=False)
+
+    def _summarise(self, config, aborted):
         os.environ.pop(PARENT_ENV, None)
         client = mlflow.MlflowClient()
         children = client.search_runs([self.experiment_id],
@@ -60,14 +69,15 @@ class SweepCallback(Callback):
         for name in (SUMMARY_CSV, SUMMARY_PNG):
             client.log_artifact(self.parent_id, str(artifacts / name))
         finished = [r for r in rows if r["status"] == "FINISHED" and not math.isnan(r["val/accuracy"])]
-        tags = {"sweep.jobs": str(len(rows)), "sweep.failed": str(len(rows) - len(finished))}
+        tags = {"sweep.jobs": str(len(rows)), "sweep.failed": str(len(rows) - len(finished)),
+                "sweep.aborted": str(aborted)}
         if finished:
             best = max(finished, key=lambda r: r["val/accuracy"])
             tags.update({"best_run_id": best["run_id"], "best_lr": str(best["train.lr"]),
                          "best_val_accuracy": str(best["val/accuracy"])})
         for key, value in tags.items():
             client.set_tag(self.parent_id, key, value)
-        client.set_terminated(self.parent_id, "FINISHED" if finished else "FAILED")
+        client.set_terminated(self.parent_id, "FINISHED" if finished and not aborted else "FAILED")
         log.info("sweep summary: %s", tags)
 
 
