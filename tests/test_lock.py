@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 from conftest import run_ok
 from pipeline.config import PROJECT_ROOT
 
@@ -38,3 +40,15 @@ def test_the_committed_lock_matches_code_and_params(tmp_path):
                     if not (data and state in MISSING):
                         wrong.setdefault(stage, []).append(f"{kind}: {path}: {state}")
     assert not wrong, f"dvc.lock is stale; run `dvc repro` and commit dvc.lock: {wrong}"
+
+
+def test_the_lock_records_exactly_the_deps_dvc_yaml_lists():
+    """DVC skips a stage whose listed deps are unchanged and leaves the lock's entries of
+    deps dropped from dvc.yaml in place; a fresh clone's repro then rewrites dvc.lock."""
+    stages = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"]
+    lock = yaml.safe_load((PROJECT_ROOT / "dvc.lock").read_text())["stages"]
+    assert sorted(lock) == sorted(stages)
+    for name, stage in stages.items():
+        listed = sorted(stage.get("deps", []))
+        recorded = sorted(dep["path"] for dep in lock[name].get("deps", []))
+        assert recorded == listed, f"dvc.lock stage {name}: run `dvc repro -f -s {name}` and commit dvc.lock"
