@@ -102,15 +102,16 @@ def test_select_an_experiment_then_edit_it(dvc_work):
 
 @pytest.mark.parametrize("file, pattern, replacement", [
     ("conf/config.yaml", r"^  experiment: mnist$", "  experiment: elsewhere"),  # mlflow.experiment
-    ("conf/config.yaml", r"^  processed: data/processed$", "  processed: data/processed  # same"),
+    ("conf/config.yaml", r"^  model: models$", "  model: somewhere/else"),  # paths: ad hoc runs only
     ("conf/data/fixture_a.yaml", r"^timeout_s: .*$", "timeout_s: 9"),
-], ids=["mlflow-experiment", "comment", "data-timeout"])
+], ids=["mlflow-experiment", "paths", "data-timeout"])
 def test_a_key_that_is_no_stages_param_reruns_nothing_after_resolve(dvc_work, file, pattern, replacement):
     repo, env = dvc_work
     before = _digests(repo, "params/resolved.yaml")
     edit(repo / file, pattern, replacement)
     _repro(repo, env, ["resolve"])
     assert _digests(repo, "params/resolved.yaml") == before
+    run_ok(["dvc", "repro", "-f", "-s", "evaluate"], repo, env)  # DVC's paths come from dvc.yaml
 
 
 def test_a_key_only_export_uses_reruns_only_export(dvc_work):
@@ -153,7 +154,9 @@ def test_switch_the_dataset_reruns_everything_and_labels_follow_the_data(dvc_wor
     ("conf/model/softmax.yaml", r"^hidden: .*$", "hidden: [5]", "model.hidden=[5]"),
     ("conf/train/sgd.yaml", r"^epochs: .*$", "epochs: many", "epochs"),
     ("conf/data/fixture_a.yaml", r"^val_size: .*$", "val_size: 0", "data.val_size=0"),
-], ids=["negative-lr", "softmax-hidden", "wrong-type", "val-size"])
+    ("conf/data/fixture_a.yaml", r"^val_size: .*$", "val_size: 600", "data.val_size=600"),  # all 600 images
+    ("conf/train/sgd.yaml", r"^batch_size: .*$", "batch_size: 501", "train.batch_size=501"),  # 500 to train
+], ids=["negative-lr", "softmax-hidden", "wrong-type", "val-size", "val-size-too-big", "batch-too-big"])
 def test_a_bad_value_fails_before_anything_is_deleted(dvc_work, file, pattern, replacement, key):
     repo, env = dvc_work
     kept = ["params/resolved.yaml", "models/model.npz", "models/history.csv", "reports/metrics.json",

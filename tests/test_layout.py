@@ -3,6 +3,7 @@ only importer of mlflow, and every stage's code deps in dvc.yaml exactly the
 files its imports reach."""
 
 import ast
+import re
 import subprocess
 import sys
 
@@ -112,6 +113,9 @@ def test_code_deps_are_exactly_what_the_stage_imports(stage):
     assert not unused, f"dvc.yaml stage {stage}: deps {unused} are not imported (reruns for nothing)"
 
 
-def test_stage_commands_are_the_modules_users_type():
+def test_stage_commands_are_the_modules_users_type_and_read_only_their_deps():
     for name, spec in _dvc_stages().items():
-        assert spec["cmd"].startswith(f"python -m pipeline.{name} ")
+        cmd = " ".join(spec["cmd"].split())
+        assert cmd.startswith(f"python -m pipeline.{name} ")
+        for read in re.findall(r"paths\.\w+=(\S+)", cmd):  # conf/'s paths never reach a DVC stage
+            assert any(dep == read or dep.startswith(f"{read}/") for dep in spec["deps"]), (name, read)

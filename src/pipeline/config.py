@@ -7,6 +7,7 @@ starts: `train.lr=abc`, `train.epochs=1.5` or a misspelled key fail at once,
 naming the key. `validate` then adds the range checks.
 """
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -140,10 +141,18 @@ def validate(cfg: DictConfig) -> None:
     if cfg.backend.threads < 1:
         _fail("backend.threads", cfg.backend.threads, "an integer >= 1")
     d = cfg.data
-    if d.val_size < 1:
-        _fail("data.val_size", d.val_size, "an integer >= 1 (images held out for validation)")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", d.name) or d.name.strip(".") == "":
+        _fail("data.name", d.name, "letters, digits, '_', '-' or '.' (it names the directory data/raw/<name>)")
     if sorted(d.files) != sorted(SPLITS):
         _fail("data.files", sorted(d.files), f"exactly the keys {list(SPLITS)}")
+    # The label file's size gives the number of training images (an 8-byte IDX header, a byte a label),
+    # so sizes that only normalise or train could refuse are refused here, before DVC deletes anything.
+    images = d.files.train_labels.size - 8
+    if not 1 <= d.val_size < images:
+        _fail("data.val_size", d.val_size, f"1 <= val_size < {images}, the training images of {d.name}")
+    if cfg.train.batch_size > images - d.val_size:
+        _fail("train.batch_size", cfg.train.batch_size,
+              f"at most the {images - d.val_size} training images left after data.val_size={d.val_size}")
     if len(d.class_names) < 2:
         _fail("data.class_names", list(d.class_names), "at least two class names")
     if len(set(d.class_names)) != len(d.class_names):
@@ -159,6 +168,13 @@ def validate(cfg: DictConfig) -> None:
 def hyperparams(cfg: DictConfig) -> Hyperparams:
     """cfg.train as the typed object `fit` takes."""
     return OmegaConf.to_object(cfg.train)
+
+
+def trained_with(cfg: DictConfig) -> dict:
+    """The part of the effective config that a training depends on (train's DVC params),
+    saved in model.npz."""
+    values = effective(cfg)
+    return {key: values[key] for key in ("data", "model", "train", "backend", "seed")}
 
 
 def effective(cfg: DictConfig) -> dict:

@@ -51,7 +51,10 @@ def check_resolved(cfg):
     path = PROJECT_ROOT / RESOLVED_FILE
     if not path.is_file():
         raise PipelineError(f"{path} is missing: run `dvc repro`, whose first stage (resolve) writes it")
-    written = yaml.safe_load(path.read_text())
+    try:
+        written = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise PipelineError(f"{path} is not YAML ({err}): run `dvc repro`, whose resolve stage rewrites it") from err
     composed = effective(cfg)
     if written != composed:
         keys = sorted(k for k in set(_flat(written)) | set(_flat(composed))

@@ -5,6 +5,7 @@ training's MLflow run."""
 import logging
 from pathlib import Path
 
+from pipeline.config import effective
 from pipeline.core import backend, metrics
 from pipeline.data import model_file
 from pipeline.data.splits import load_split, read_manifest
@@ -21,9 +22,9 @@ def main(cfg):
     model_path = Path(cfg.paths.model) / model_file.FILE
     layers, trained_with = model_file.load(model_path)
     manifest = read_manifest(cfg.paths.processed, cfg.data)
-    if trained_with["data"]["name"] != manifest["dataset"]:
-        raise PipelineError(f"{model_path} was trained on {trained_with['data']['name']!r}, but "
-                            f"{cfg.paths.processed} holds {manifest['dataset']!r}: run `dvc repro`")
+    if trained_with["data"] != effective(cfg)["data"]:
+        raise PipelineError(f"{model_path} was trained on other data (data.name {trained_with['data']['name']!r}) "
+                            f"than the config's and {cfg.paths.processed}'s ({cfg.data.name!r}): run `dvc repro`")
     test_x, test_y = load_split(cfg.paths.processed, "test")
     class_names = list(cfg.data.class_names)
     report = metrics.evaluate(backend.select(cfg.backend.name), layers, test_x, test_y, len(class_names))

@@ -15,7 +15,7 @@ from pipeline.config import RESOLVED_FILE, effective
 from pipeline.data.files import write_text
 from pipeline.entry import output_dir, stage
 
-HEADER = ("# Written by `python -m pipeline.resolve` (the first stage of dvc.yaml) from conf/.\n"
+HEADER = ("# Written from conf/ by the resolve stage of dvc.yaml (`dvc repro`).\n"
           "# Do not edit: edit conf/ and run `dvc repro`. DVC tracks these keys as params.\n")
 
 

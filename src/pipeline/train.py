@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from threadpoolctl import threadpool_limits
 
-from pipeline.config import effective, hyperparams
+from pipeline.config import hyperparams, trained_with
 from pipeline.core import backend, metrics, model
 from pipeline.core.trainer import DivergenceError, fit
 from pipeline.data import model_file
@@ -57,7 +57,7 @@ def train(cfg, out_dir):
             history = fit(be, hp, rng, layers, train_xy, val_xy, len(class_names), fast=cfg.backend.fast,
                           on_epoch=log_epoch)
         layers = [(be.to_host(W), be.to_host(b)) for W, b in layers]
-        model_file.save(out_dir / model_file.FILE, layers, effective(cfg))  # no local paths: same bytes anywhere
+        model_file.save(out_dir / model_file.FILE, layers, trained_with(cfg))  # no local paths: same bytes anywhere
         write_text(out_dir / HISTORY_FILE, _history_csv(history))
         runs.log_files([out_dir / HISTORY_FILE], None)
         serving.log_model(out_dir / model_file.FILE)

@@ -9,6 +9,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -190,11 +191,17 @@ def log_evaluation(report, class_names, paths):
     """Test metrics, the confusion matrix and the report files into the active run."""
     metrics = {"test/loss": report["loss"], "test/accuracy": report["accuracy"]}
     for name, p, r in zip(class_names, report["precision"], report["recall"]):
-        metrics[f"test/precision/{name}"], metrics[f"test/recall/{name}"] = float(p), float(r)
+        key = metric_key(name)
+        metrics[f"test/precision/{key}"], metrics[f"test/recall/{key}"] = float(p), float(r)
     mlflow.log_metrics(metrics)
     mlflow.log_dict({"classes": list(class_names), "rows_actual_cols_predicted": report["confusion"].tolist()},
                     "evaluation/confusion_matrix.json")
     log_files(paths, "evaluation")
+
+
+def metric_key(name):
+    """A class name as MLflow takes it in a metric key ('T-shirt/top' -> 'T-shirt_top')."""
+    return re.sub(r"[^A-Za-z0-9_.\- ]", "_", str(name)).strip(" .") or "_"
 
 
 def set_tags(tags):

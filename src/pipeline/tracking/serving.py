@@ -1,6 +1,6 @@
 """The trained model as an MLflow pyfunc model, servable without a GPU.
 
-Logged as a "model from code" (pipeline/pyfunc_model.py) plus the NumPy
+Logged as a "model from code" (pipeline/tracking/pyfunc_model.py) plus the NumPy
 weights file, so nothing is pickled:
 
     mlflow models serve -m runs:/<run_id>/model --env-manager local -h 127.0.0.1 -p 5001
