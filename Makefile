@@ -1,6 +1,11 @@
 # The two commands of the README. Both create .venv and install the project
-# from pyproject.toml first (again only when pyproject.toml changes).
+# from pyproject.toml first (again only when pyproject.toml changes), and the
+# npm packages of package-lock.json with the offline page of `dvc plots show`
+# (again only when package.json, package-lock.json or its generator changes).
 VENV := .venv
+# The HTML template .dvc/config's plots.html_template names (relative to .dvc/):
+# Vega, Vega-Lite and Vega-Embed from node_modules inlined, no CDN.
+PLOTS_PAGE := .dvc/plots/page.html
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: repro test
@@ -11,8 +16,13 @@ repro: $(VENV)/.installed
 test: $(VENV)/.installed
 	pytest
 
-$(VENV)/.installed: pyproject.toml
+# Order-only: a changed package-lock.json reruns npm ci, not pip.
+$(VENV)/.installed: pyproject.toml | $(PLOTS_PAGE)
 	python3 -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(VENV)/bin/python -m pip install --quiet -e '.[dev]'
 	touch $@
+
+$(PLOTS_PAGE): package.json package-lock.json scripts/plots-template.js
+	npm ci --no-audit --no-fund --ignore-scripts
+	node scripts/plots-template.js $@

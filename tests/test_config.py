@@ -126,6 +126,7 @@ def test_effective_config_leaves_out_what_never_changes_a_result():
         del expected[key]
     for key in ("sources", "timeout_s"):
         del expected["data"][key]
+    del expected["export"]["log_every_epochs"]  # how often train logs pictures to MLflow
     assert values == expected  # nothing else left out
     assert set(values) == {"data", "model", "train", "backend", "export", "seed"}
     assert json.loads(json.dumps(values)) == values  # plain data
@@ -135,7 +136,8 @@ def test_effective_config_leaves_out_what_never_changes_a_result():
 def test_effective_config_changes_with_results_only():
     default = effective(make_cfg())
     local = make_cfg("paths.model=/elsewhere", "paths.processed=/elsewhere/p", "mlflow.experiment=other",
-                     "data.timeout_s=5", "evaluate_after_train=false", "data.sources=[{kind: local, path: /x}]")
+                     "data.timeout_s=5", "evaluate_after_train=false", "data.sources=[{kind: local, path: /x}]",
+                     "export.log_every_epochs=1")
     assert effective(local) == default
     for override in ("train.lr=0.5", "seed=1", "backend.fast=false", "data.val_size=100", "model=mlp"):
         assert effective(make_cfg(override)) != default, override

@@ -136,7 +136,7 @@ def test_switch_the_dataset_reruns_everything_and_labels_follow_the_data(dvc_wor
     manifest = yaml.safe_load((repo / "data/processed/manifest.json").read_text())
     assert manifest["dataset"] == "fixture_b" and manifest["class_names"] == CLASSES["fixture_b"]
     assert _trained_with(repo)["data"]["name"] == "fixture_b"
-    assert set(yaml.safe_load((repo / "reports/metrics.json").read_text())["test"]["recall"]) == set(
+    assert set(yaml.safe_load((repo / "reports/per_class.json").read_text())["test"]["recall"]) == set(
         CLASSES["fixture_b"])
     assert sorted(p.name for p in (repo / "filters").glob("filter_*.png")) == sorted(
         f"filter_{i}_c{i}-x.png" for i in range(10))  # a '/' in a class name makes no directory

@@ -23,7 +23,9 @@ def test_dvc_repro_end_to_end_on_real_mnist(repo_copy):
 
     metrics = json.loads((repo / "reports/metrics.json").read_text())["test"]
     assert 0.88 <= metrics["accuracy"] <= 0.95  # 2 epochs of softmax regression on the real test set
-    assert len(metrics["recall"]) == 10
+    per_class = json.loads((repo / "reports/per_class.json").read_text())["test"]
+    assert sorted(per_class["recall"]) == [str(k) for k in range(10)] and len(per_class["precision"]) == 10
+    assert set(metrics) == {"loss", "accuracy"}  # `dvc metrics show` stays narrow
     assert sorted(p.name for p in (repo / "filters").glob("filter_*.png")) == [f"filter_{k}_{k}.png" for k in range(10)]
     assert sorted(p.name for p in (repo / "data/raw").iterdir()) == ["mnist"]  # one directory per dataset
     manifest = json.loads((repo / "data/processed/manifest.json").read_text())

@@ -144,7 +144,7 @@ def test_sweep_runs_as_slurm_jobs(slurm, tracking_server, fixture_cfg, fixture_o
     assert sorted(float(r.data.params["train.lr"]) for r in children) == [0.05, 0.1]
     for run in children:
         assert run.info.status == "FINISHED" and "test/accuracy" in run.data.metrics
-        assert "model/MLmodel" in {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+        assert "mnist-softmax/MLmodel" in {a.path for a in client.list_artifacts(run.info.run_id, "mnist-softmax")}
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["sweep.jobs"] == "2" and parent.data.tags["sweep.failed"] == "0"
 

@@ -131,6 +131,16 @@ def test_train_learns_logs_and_is_deterministic(fixture_cfg, tmp_path):
     (run,) = _runs(fixture_cfg)
     assert json.loads((tmp_path / "models" / "run.json").read_text())["run_id"] == run.info.run_id
     assert run.data.params["train.lr"] == "0.1" and run.data.params["train.batch_size"] == "32"
+    assert run.info.run_name == "softmax lr=0.1 epochs=3 batch_size=32"  # what differs from the defaults
+    assert not [key for key in run.data.params if key.startswith(("data.files", "data.sources", "paths."))]
+    assert run.data.params["data.name"] == fixture_cfg.data.name
+    assert run.data.params["data.digest"] == runs.dataset_digest(runs.raw_digests(fixture_cfg))
+    inputs = {i.dataset.name: i for i in run.inputs.dataset_inputs}  # the UI's Datasets column
+    assert sorted(inputs) == ["mnist-test", "mnist-train", "mnist-val"]
+    assert {i.tags[0].value for i in inputs.values()} == {"train", "val", "test"}  # mlflow.data.context
+    assert json.loads(inputs["mnist-val"].dataset.schema)["mlflow_colspec"][0]["tensor-spec"]["shape"] == [FIXTURE_VAL, 784]
+    assert json.loads(inputs["mnist-test"].dataset.source)["uri"] == str(raw_dir(fixture_cfg).resolve())
+    assert len({i.dataset.digest for i in inputs.values()}) == 3
     steps = mlflow.MlflowClient().get_metric_history(run.info.run_id, "val/accuracy")
     assert [m.step for m in steps] == [1, 2, 3]
     assert steps[-1].value == pytest.approx(float(history[-1]["val_accuracy"]))
@@ -165,7 +175,10 @@ def test_evaluate_and_export_write_reports_into_the_training_run(fixture_cfg, tm
     train.train(fixture_cfg, tmp_path / "run")  # ad hoc: evaluates and exports in the same run
     metrics = json.loads((tmp_path / "run" / evaluation.METRICS_FILE).read_text())["test"]
     assert 0.9 < metrics["accuracy"] <= 1.0
-    assert sorted(metrics["precision"]) == [str(k) for k in range(10)]
+    assert sorted(metrics) == ["accuracy", "loss"]  # `dvc metrics show` stays narrow
+    per_class = json.loads((tmp_path / "run" / evaluation.PER_CLASS_FILE).read_text())["test"]
+    assert sorted(per_class) == ["precision", "recall"]
+    assert sorted(per_class["precision"]) == sorted(per_class["recall"]) == [str(k) for k in range(10)]
     with open(tmp_path / "run" / evaluation.PREDICTIONS_FILE) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == FIXTURE_TEST
@@ -184,7 +197,9 @@ def test_evaluate_and_export_write_reports_into_the_training_run(fixture_cfg, tm
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "filters")}
     assert "filters/filters.png" in artifacts and "filters/filter_9_9.png" in artifacts
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
-    assert {"evaluation/confusion_matrix.png", "evaluation/confusion_matrix.json"} <= logged
+    assert {"evaluation/confusion_matrix.png", "evaluation/confusion_matrix.json", "evaluation/per_class.json",
+            "evaluation/misclassified.png"} <= logged
+    assert Image.open(exported / filters.GRID_FILE).info["dpi"][0] >= 150
     confusion = json.loads(open(client.download_artifacts(
         run.info.run_id, "evaluation/confusion_matrix.json", str(tmp_path))).read())
     assert np.sum(confusion["rows_actual_cols_predicted"]) == FIXTURE_TEST

@@ -3,6 +3,7 @@ summary, a complete child run per job, and DVC's outputs left alone."""
 
 import csv
 import os
+import re
 import subprocess
 import sys
 
@@ -12,7 +13,13 @@ import yaml
 
 from conftest import prepare
 from pipeline.config import PROJECT_ROOT
+from pipeline.tracking.serving import MODEL_URI_TAG
 from pipeline.tracking.sweep import SUMMARY_CSV, SUMMARY_PNG
+
+# What every training run logs as params: hyperparameters, then the dataset (no files, sources or paths).
+PARAMS = {f"train.{key}" for key in ("lr", "epochs", "batch_size", "momentum", "nesterov", "weight_decay",
+                                     "schedule", "step_epochs", "gamma")} | {
+    "model.name", "model.hidden", "seed", "backend.name", "data.name", "data.val_size", "data.digest"}
 
 
 def _sweep(fixture_cfg, fixture_overrides, tmp_path, *args, timeout=600):
@@ -21,12 +28,23 @@ def _sweep(fixture_cfg, fixture_overrides, tmp_path, *args, timeout=600):
                            f"hydra.sweep.dir={tmp_path / 'multirun'}"],
                           cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for noise in ("Downloading artifacts", "Add type hints"):  # a quiet console
+        assert noise not in done.stdout + done.stderr
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     client = mlflow.MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name("fixture").experiment_id])
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == len(runs) - 1
+    for run in children:  # named by the swept value; the comparable params only
+        assert run.info.run_name == f"softmax lr={float(run.data.params['train.lr']):.4g}"
+        assert set(run.data.params) == PARAMS
+    assert re.fullmatch(r"sweep \d{4}-\d\d-\d\d \d\d:\d\d train\.lr", parent.info.run_name)
+    assert parent.data.tags["sweep.keys"] == "train.lr"
+    assert set(parent.data.params) == PARAMS - {"train.lr"}  # the fixed config
+    assert parent.data.params["train.epochs"] == "3" and parent.data.params["data.digest"] == \
+        children[0].data.params["data.digest"]
+    _sweep.output = done.stdout + done.stderr
     return client, parent, children
 
 
@@ -46,15 +64,17 @@ def _dvc_outputs():
 def _check_child(client, run, epochs=3):
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/accuracy")] == list(range(1, epochs + 1))
     assert "test/accuracy" in run.data.metrics
-    paths = {a.path for top in ("filters", "model") for a in client.list_artifacts(run.info.run_id, top)}
-    assert "filters/filters.png" in paths and "model/MLmodel" in paths
+    paths = {a.path for top in ("filters", "mnist-softmax") for a in client.list_artifacts(run.info.run_id, top)}
+    assert "filters/filters.png" in paths and "mnist-softmax/MLmodel" in paths  # the model's name
+    assert run.data.tags[MODEL_URI_TAG].startswith("models:/m-")
     assert "filters/filter_0_0.png" in paths
     assert run.data.tags["data.name"] == "mnist" and "data.train_images.sha256" in run.data.tags
 
 
 def test_serial_sweep_with_a_diverging_job(fixture_cfg, fixture_overrides, tmp_path):
     before = _dvc_outputs()
-    client, parent, children = _sweep(fixture_cfg, fixture_overrides, tmp_path, "train.lr=0.01,0.1,1e38")
+    client, parent, children = _sweep(fixture_cfg, fixture_overrides, tmp_path, "train.lr=0.01,0.1,1e38",
+                                      "mlflow.register=fixture-digits")
     assert sorted(float(r.data.params["train.lr"]) for r in children) == [0.01, 0.1, 1e38]
     by_lr = {float(r.data.params["train.lr"]): r for r in children}
     for lr in (0.01, 0.1):
@@ -67,6 +87,13 @@ def test_serial_sweep_with_a_diverging_job(fixture_cfg, fixture_overrides, tmp_p
     assert tags["sweep.jobs"] == "3" and tags["sweep.failed"] == "1"
     best = max((by_lr[0.01], by_lr[0.1]), key=lambda r: r.data.metrics["val/accuracy"])
     assert tags["best_run_id"] == best.info.run_id and float(tags["best_lr"]) == float(best.data.params["train.lr"])
+    assert parent.data.metrics["best/val/accuracy"] == best.data.metrics["val/accuracy"]
+    assert parent.data.metrics["best/test/accuracy"] == best.data.metrics["test/accuracy"]
+    version = client.get_model_version_by_alias("fixture-digits", "best")  # mlflow.register
+    assert version.run_id == best.info.run_id and version.source == best.data.tags[MODEL_URI_TAG]
+    table = _sweep.output[_sweep.output.index("sweep summary"):]  # a table, not a dict
+    assert re.search(r"train\.lr\s+status\s+val/accuracy\s+test/accuracy\s+run", table)
+    assert f"{best.info.run_id} *" in table and "3 jobs, 1 failed" in table
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {SUMMARY_CSV, SUMMARY_PNG} <= artifacts
     with open(client.download_artifacts(parent.info.run_id, SUMMARY_CSV, str(tmp_path))) as f:

