@@ -183,8 +183,8 @@ def hyperparams(cfg: DictConfig) -> Hyperparams:
 
 
 def trained_with(cfg: DictConfig) -> dict:
-    """The part of the effective config that a training depends on (train's DVC params),
-    saved in model.npz."""
+    """What a training depends on, saved in model.npz: train's DVC params and the data
+    group whole (its files' checksums included)."""
     values = effective(cfg)
     return {key: values[key] for key in ("data", "model", "train", "backend", "seed")}
 
@@ -197,4 +197,6 @@ def effective(cfg: DictConfig) -> dict:
         node = values[group] if group else values
         for key in keys:
             node.pop(key, None)
-    return values
+    # Hyperparameters first: `dvc exp show` and `dvc params diff` list them in this order.
+    first = [key for key in ("train", "model", "seed", "backend") if key in values]
+    return {key: values[key] for key in first + [k for k in values if k not in first]}
