@@ -129,16 +129,22 @@ def set_yaml_value(path, key, value):
     path.write_text(new)
 
 
+def copy_checkout(target, untracked=True, skip=()):
+    """The checkout's files as a fresh clone would have them: tracked ones (and,
+    with `untracked`, new ones git does not ignore), `skip` left out."""
+    args = ["git", "ls-files", "-z", "--cached"] + (["--others", "--exclude-standard"] if untracked else [])
+    listed = subprocess.run(args, cwd=PROJECT_ROOT, capture_output=True, text=True, check=True).stdout
+    for rel in filter(None, listed.split("\0")):
+        if (PROJECT_ROOT / rel).is_file() and rel not in skip:
+            (target / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(PROJECT_ROOT / rel, target / rel)
+    return target
+
+
 @pytest.fixture
 def repo_copy(tmp_path, real_mnist):
     """A fresh clone-like copy: tracked and untracked-but-not-ignored files only."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                            cwd=PROJECT_ROOT, capture_output=True, text=True, check=True).stdout
-    repo = tmp_path / "repo"
-    for rel in filter(None, listed.split("\0")):
-        if (PROJECT_ROOT / rel).is_file():
-            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(PROJECT_ROOT / rel, repo / rel)
+    repo = copy_checkout(tmp_path / "repo")
     env = dict(os.environ,
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                PYTHONPATH=str(repo / "src"),  # the copy's code and conf/, not the checkout's
@@ -193,12 +199,7 @@ def dvc_baseline(tmp_path_factory):
     top = tmp_path_factory.mktemp("config_flow")
     repo, store = top / "repo", top / "store"
     store.mkdir()
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                            cwd=PROJECT_ROOT, capture_output=True, text=True, check=True).stdout
-    for rel in filter(None, listed.split("\0")):
-        if (PROJECT_ROOT / rel).is_file():
-            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(PROJECT_ROOT / rel, repo / rel)
+    copy_checkout(repo)
     for seed, name in enumerate(CLASSES):
         (top / name).mkdir()
         conf = fixture_dataset_conf(name, top / name, seed)

@@ -4,27 +4,19 @@ nothing else (a stale lock makes every fresh clone retrain)."""
 
 import json
 import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
-from conftest import run_ok
+from conftest import copy_checkout, run_ok
 from pipeline.config import PROJECT_ROOT
 
 MISSING = {"deleted", "not in cache"}
 
 
 def test_the_committed_lock_matches_code_and_params(tmp_path):
-    listed = subprocess.run(["git", "ls-files", "-z"], cwd=PROJECT_ROOT, capture_output=True, text=True,
-                            check=True).stdout
-    repo = tmp_path / "clone"
-    for rel in filter(None, listed.split("\0")):
-        if (PROJECT_ROOT / rel).is_file():
-            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(PROJECT_ROOT / rel, repo / rel)
+    repo = copy_checkout(tmp_path / "clone", untracked=False)
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     run_ok(["git", "init", "-q"], repo, env)
     status = json.loads(run_ok(["dvc", "status", "--json"], repo, env) or "{}")

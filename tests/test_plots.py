@@ -16,10 +16,9 @@ import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
-
 import pytest
 
+from conftest import copy_checkout
 from pipeline.config import PROJECT_ROOT
 
 PAGE = PROJECT_ROOT / ".dvc" / "plots" / "page.html"
@@ -78,14 +77,8 @@ def repo(tmp_path_factory):
         pytest.fail(f"{PAGE.relative_to(PROJECT_ROOT)} is missing: run `make .venv/.installed` "
                     "(npm ci, then node scripts/plots-template.js)")
     root = tmp_path_factory.mktemp("plots_repo")
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                            cwd=PROJECT_ROOT, check=True, capture_output=True).stdout.decode()
-    for rel in [p for p in listed.split("\0") if p] + [str(PAGE.relative_to(PROJECT_ROOT))]:
-        src = PROJECT_ROOT / rel
-        if rel == "dvc.lock" or not src.is_file():
-            continue
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src, root / rel)
+    copy_checkout(root, skip={"dvc.lock"})
+    (root / PAGE.relative_to(PROJECT_ROOT)).write_bytes(PAGE.read_bytes())  # generated, git-ignored
     for ignore in ("models/.gitignore", "reports/.gitignore"):  # commit the outs in git here
         (root / ignore).unlink(missing_ok=True)
     (root / ".gitignore").write_text((root / ".gitignore").read_text().replace("/filters\n", ""))

@@ -6,7 +6,6 @@ import json
 import logging
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import mlflow
 import numpy as np

@@ -55,7 +55,7 @@ def test_dvc_exp_run_tags_the_experiment_name(dvc_work):
 
 
 def test_system_metrics_only_when_switched_on(fixture_cfg, tmp_path, monkeypatch):
-    import psutil  # noqa: F401  MLflow's system metrics need it; MLflow does not require it (DVC does)
+    import psutil  # noqa: F401  MLflow's system metrics need it (pyproject.toml lists it)
 
     prepare(fixture_cfg)
     fixture_cfg.evaluate_after_train = False

@@ -398,21 +398,3 @@ def set_tags(tags):
 def log_files(paths, artifact_dir):
     for path in paths:
         mlflow.log_artifact(str(path), artifact_dir)
-
-
-def flatten(cfg):
-    """The resolved config as dotted keys, e.g. {'train.lr': '0.5'} (MLflow params)."""
-    flat = {}
-
-    def walk(node, prefix):
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(value, f"{prefix}{key}.")
-        elif isinstance(node, list) and node and isinstance(node[0], dict):
-            for i, value in enumerate(node):
-                walk(value, f"{prefix}{i}.")
-        else:
-            flat[prefix[:-1]] = str(node)
-
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
-    return flat
