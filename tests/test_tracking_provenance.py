@@ -69,3 +69,32 @@ def test_system_metrics_only_when_switched_on(fixture_cfg, tmp_path, monkeypatch
                                  order_by=["attributes.start_time ASC"])
     assert not [key for key in off.data.metrics if key.startswith("system/")]
     assert "system/cpu_utilization_percentage" in on.data.metrics
+
+
+def test_a_dataset_insert_lost_to_a_parallel_job_is_retried_and_never_fails_the_training(
+        fixture_cfg, tmp_path, monkeypatch):
+    """Two jobs of a parallel sweep log the same dataset at once: the store's second insert fails
+    (UNIQUE constraint, seen on a tracking server under SLURM); the retry finds the dataset."""
+    from mlflow.exceptions import MlflowException
+
+    prepare(fixture_cfg)
+    fixture_cfg.evaluate_after_train = False
+    real, calls = mlflow.log_inputs, []
+
+    def racing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise MlflowException("UNIQUE constraint failed: datasets.experiment_id, datasets.name")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mlflow, "log_inputs", racing)
+    train.train(fixture_cfg, tmp_path / "raced")
+    monkeypatch.setattr(mlflow, "log_inputs", lambda *a, **k: (_ for _ in ()).throw(MlflowException("down")))
+    train.train(fixture_cfg, tmp_path / "lost")  # three failures: a warning, the training completes
+    client = mlflow.MlflowClient()
+    raced, lost = client.search_runs([client.get_experiment_by_name(fixture_cfg.mlflow.experiment).experiment_id],
+                                     order_by=["attributes.start_time ASC"])
+    assert len(calls) == 2 and len(raced.data.metrics) and raced.info.status == "FINISHED"
+    assert sorted(i.dataset.name for i in raced.inputs.dataset_inputs) == ["mnist-test", "mnist-train", "mnist-val"]
+    assert lost.info.status == "FINISHED" and not lost.inputs.dataset_inputs
+    assert (tmp_path / "lost" / "model.npz").is_file()

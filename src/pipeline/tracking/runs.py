@@ -26,6 +26,7 @@ import re
 import signal
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import mlflow
@@ -241,7 +242,19 @@ def log_datasets(cfg, manifest):
         datasets.append(MetaDataset(_Source(source), name=f"{manifest['dataset']}-{split}",
                                     digest=digest, schema=schema))
         contexts.append(split)
-    mlflow.log_inputs(datasets=datasets, contexts=contexts, tags_list=[None] * len(datasets))
+    # Jobs of a parallel sweep log the same datasets at once; the store creates a dataset on first
+    # use and one of two racing inserts fails (UNIQUE constraint): the retry then finds it. The
+    # inputs describe the run; training does not stop for them.
+    for attempt in range(3):
+        try:
+            mlflow.log_inputs(datasets=datasets, contexts=contexts, tags_list=[None] * len(datasets))
+            return
+        except Exception as err:  # MlflowException from a server, SQLAlchemy's from a local store
+            if attempt == 2:
+                log.warning("MLflow did not take the dataset inputs (%s); the run goes on without them",
+                            str(err)[:200])
+                return
+            time.sleep(0.2 * (attempt + 1))
 
 
 def _dtype(name):
