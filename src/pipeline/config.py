@@ -38,7 +38,7 @@ LOCAL_KEYS = {"data": ("sources", "timeout_s"), "export": ("log_every_epochs",),
               "": ("paths", "mlflow", "evaluate_after_train")}
 
 SOURCE_KINDS = ("local", "http", "npm")
-BACKENDS = ("numpy", "cupy", "auto")  # pipeline.core.backend.select
+BACKENDS = ("numpy", "numba", "cupy", "auto")  # pipeline.core.backend.select
 MODELS = ("softmax", "mlp")
 SPLITS = ("train_images", "train_labels", "test_images", "test_labels")
 

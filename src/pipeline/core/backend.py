@@ -4,6 +4,10 @@ The numerical core (pipeline.core.model, pipeline.core.optim) only calls array-A
 functions on `xp`, so NumPy, CuPy and array-api-strict (the tests' stand-in
 accelerator) run it unchanged. Randomness and file I/O stay on the host in
 NumPy; data is copied to the device once, before training.
+
+Backend numba is NumPy whose trainer runs softmax regression in compiled loops
+(pipeline.core.compiled); everything else on it is the NumPy code. `auto` takes
+the fastest that is there: CuPy on a visible GPU, else numba, else NumPy.
 """
 
 import logging
@@ -19,7 +23,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Backend:
-    name: str  # what actually runs: numpy, cupy or array_api_strict
+    name: str  # what actually runs: numpy, numba, cupy or array_api_strict
     xp: Any
     device: Any = None  # None: the namespace's default device
 
@@ -31,7 +35,7 @@ class Backend:
 
     def to_host(self, array):
         """The array as NumPy, for saving, plotting and logging."""
-        if self.name == "numpy":
+        if self.name in ("numpy", "numba"):
             return array
         if self.name == "cupy":
             return array.get()
@@ -39,16 +43,34 @@ class Backend:
 
 
 def select(name):
-    """The Backend for config backend.name (numpy | cupy | auto)."""
+    """The Backend for config backend.name (numpy | numba | cupy | auto)."""
     if name == "numpy":
         return Backend("numpy", np)
+    if name == "numba":
+        return _numba(required=True)
     if name == "cupy":
         return _cupy(required=True)
     if name == "auto":
-        chosen = _cupy(required=False) or Backend("numpy", np)
+        chosen = _cupy(required=False) or _numba(required=False) or Backend("numpy", np)
         log.info("backend auto -> %s", chosen.name)
         return chosen
-    raise PipelineError(f"config backend.name={name!r}: expected numpy, cupy or auto")
+    raise PipelineError(f"config backend.name={name!r}: expected numpy, numba, cupy or auto")
+
+
+def _numba(required):
+    """NumPy with the compiled trainer; if Numba does not import: an error when required, else None."""
+    try:
+        import numba  # noqa: F401  (a dependency; absent or broken only in an odd environment)
+
+        from pipeline.core import compiled  # noqa: F401
+    except ImportError as err:
+        if not required:
+            return None
+        raise PipelineError(
+            f"backend=numba: Numba does not import ({err}). It is a dependency of this project: "
+            "run `pip install -e .` again, or use backend=numpy or backend=auto."
+        ) from err
+    return Backend("numba", np)
 
 
 def _cupy(required):

@@ -3,6 +3,8 @@
 Each epoch: a fresh shuffle from the host RNG, one SGD step per minibatch, then
 loss and accuracy on the training set as it trained (each image scored by the
 logits of its own step, the usual running figure) and on the validation set.
+Two implementations of the epoch share this loop: the array-API code (any
+backend) and, on backend numba, the compiled loops of pipeline.core.compiled.
 """
 
 import logging
@@ -28,39 +30,23 @@ def fit(be, hp: Hyperparams, rng, layers, train_xy, val_xy, num_classes, fast=Tr
         on_epoch=lambda epoch, row: None, progress=None):
     """Train `layers` (device arrays) in place; return one row of metrics per epoch.
     fast: take the 8-bit pixel-code path (pipeline.core.codes) where it applies.
+    Backend numba trains softmax regression in compiled loops (pipeline.core.compiled,
+    any batch size) when the images are 8-bit pixels; everything else runs the
+    array-API code below on NumPy.
     progress: a progress bar over the epochs on stderr, with the last epoch's
     figures, instead of a log line per epoch (those then go to DEBUG); None:
     when stderr is a terminal, so CI and DVC logs keep the plain lines."""
-    xp = be.xp
-    pixel_codes = codes.pixel_codes(train_xy[0]) if fast and codes.applies(layers, hp.batch_size) else None
-    gradients = model.gradients if pixel_codes is None else codes.gradients
-    # Work done once, outside the hot loop: images and labels go to the device.
-    X = be.to_device(train_xy[0] if pixel_codes is None else pixel_codes)
-    labels = be.to_device(np.asarray(train_xy[1], dtype=np.int64))
-    X_val, labels_val = be.to_device(val_xy[0]), be.to_device(np.asarray(val_xy[1], dtype=np.int64))
-    classes = be.to_device(np.arange(num_classes)[:, None])
-    Y_val = xp.astype(classes == labels_val, xp.float32)  # class-major one-hot targets
-    optimizer = SGD(xp, layers, hp.momentum, hp.nesterov, hp.weight_decay)
-    n, batch = X.shape[0], hp.batch_size
+    epochs = _compiled_epochs(hp, layers, train_xy, val_xy, num_classes) if be.name == "numba" else None
+    if epochs is None:
+        epochs = _array_api_epochs(be, hp, layers, train_xy, val_xy, num_classes, fast)
+    n = len(train_xy[1])
     history = []
     bar = _progress_bar(hp.epochs) if (sys.stderr.isatty() if progress is None else progress) else None
     try:
         for epoch in range(1, hp.epochs + 1):
             started = time.perf_counter()
             lr = learning_rate(hp, epoch)
-            order = be.to_device(rng.permutation(n))
-            # Targets in epoch order, once: each batch's are then a slice.
-            labels_epoch = xp.take(labels, order)
-            Y_epoch = xp.astype(classes == labels_epoch, xp.float32)
-            batch_logits = []  # scored after the epoch in one pass: no per-step metric work
-            for start in range(0, n, batch):
-                # A per-batch gather keeps the copy in cache for the two matrix products.
-                images = xp.take(X, order[start:start + batch], axis=0)
-                grads, z = gradients(xp, layers, images, Y_epoch[:, start:start + batch])
-                optimizer.step(layers, grads, lr)
-                batch_logits.append(z)
-            train_loss, train_accuracy = model.scores(xp, xp.concat(batch_logits, axis=1), Y_epoch, labels_epoch)
-            val_loss, val_accuracy = model.loss_and_accuracy(xp, layers, X_val, Y_val, labels_val)
+            train_loss, train_accuracy, val_loss, val_accuracy = epochs(rng.permutation(n), lr)
             row = {"epoch": epoch, "train/loss": float(train_loss), "train/accuracy": float(train_accuracy),
                    "val/loss": float(val_loss), "val/accuracy": float(val_accuracy)}  # one sync per epoch
             if not all(math.isfinite(row[key]) for key in ("train/loss", "val/loss")):
@@ -83,6 +69,65 @@ def fit(be, hp: Hyperparams, rng, layers, train_xy, val_xy, num_classes, fast=Tr
         if bar is not None:
             bar.close()
     return history
+
+
+def _array_api_epochs(be, hp, layers, train_xy, val_xy, num_classes, fast):
+    """The epoch on any array backend: epoch(order, lr) -> train loss, accuracy, val loss,
+    accuracy (device scalars), training `layers` in place."""
+    xp = be.xp
+    pixel_codes = codes.pixel_codes(train_xy[0]) if fast and codes.applies(layers, hp.batch_size) else None
+    gradients = model.gradients if pixel_codes is None else codes.gradients
+    # Work done once, outside the hot loop: images and labels go to the device.
+    X = be.to_device(train_xy[0] if pixel_codes is None else pixel_codes)
+    labels = be.to_device(np.asarray(train_xy[1], dtype=np.int64))
+    X_val, labels_val = be.to_device(val_xy[0]), be.to_device(np.asarray(val_xy[1], dtype=np.int64))
+    classes = be.to_device(np.arange(num_classes)[:, None])
+    Y_val = xp.astype(classes == labels_val, xp.float32)  # class-major one-hot targets
+    optimizer = SGD(xp, layers, hp.momentum, hp.nesterov, hp.weight_decay)
+    n, batch = X.shape[0], hp.batch_size
+
+    def epoch(host_order, lr):
+        order = be.to_device(host_order)
+        # Targets in epoch order, once: each batch's are then a slice.
+        labels_epoch = xp.take(labels, order)
+        Y_epoch = xp.astype(classes == labels_epoch, xp.float32)
+        batch_logits = []  # scored after the epoch in one pass: no per-step metric work
+        for start in range(0, n, batch):
+            # A per-batch gather keeps the copy in cache for the two matrix products.
+            images = xp.take(X, order[start:start + batch], axis=0)
+            grads, z = gradients(xp, layers, images, Y_epoch[:, start:start + batch])
+            optimizer.step(layers, grads, lr)
+            batch_logits.append(z)
+        train = model.scores(xp, xp.concat(batch_logits, axis=1), Y_epoch, labels_epoch)
+        return (*train, *model.loss_and_accuracy(xp, layers, X_val, Y_val, labels_val))
+
+    return epoch
+
+
+def _compiled_epochs(hp, layers, train_xy, val_xy, num_classes):
+    """The epoch of pipeline.core.compiled for softmax regression on 8-bit pixels, or None
+    where it does not apply (the MLP, or images that are not k / 255)."""
+    from pipeline.core import compiled  # imports numba: only the numba backend pays for it
+
+    if not compiled.applies(layers, num_classes):
+        return None
+    train_codes = codes.pixel_codes(train_xy[0])
+    val_codes = None if train_codes is None else codes.pixel_codes(val_xy[0])
+    if val_codes is None:
+        log.info("backend numba: the images are not 8-bit pixels; training on the array-API path (NumPy)")
+        return None
+    ((W, b),) = layers
+    images, val_images = compiled.Images(train_codes), compiled.Images(val_codes)
+    labels, val_labels = (np.asarray(y, dtype=np.int64) for y in (train_xy[1], val_xy[1]))
+    weights = compiled.Model(W, b, hp.momentum)
+
+    def epoch(order, lr):
+        train = compiled.train_epoch(weights, images, labels, order, hp.batch_size, lr, hp.momentum,
+                                     hp.nesterov, hp.weight_decay)
+        weights.copy_to(W, b)  # `layers` are current for on_epoch, as on the array-API path
+        return (*train, *compiled.evaluate(weights, val_images, val_labels))
+
+    return epoch
 
 
 def _progress_bar(epochs):
