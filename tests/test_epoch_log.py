@@ -1,6 +1,9 @@
 """Per-epoch metrics reach MLflow in batches (tracking.epoch_log.EpochLog), against a real SQLite store."""
 
 import logging
+import subprocess
+import sys
+import time
 
 import mlflow
 import pytest
@@ -41,12 +44,53 @@ def test_epochs_are_held_until_the_interval_passes_then_written_with_their_steps
     assert "epoch" not in mlflow.MlflowClient().get_run(run).data.metrics
 
 
+def _eventually(read, expected, within_s=10.0):
+    """read() once it equals expected (the writes happen in a background thread), else its last value."""
+    deadline = time.monotonic() + within_s
+    while (value := read()) != expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return value
+
+
 def test_with_no_interval_each_epoch_is_written_at_once(run):
     with EpochLog(every_s=0) as log_epoch:
         log_epoch(1, _row(1))
-        assert _steps(run) == [(1, 1.0)]
+        assert _eventually(lambda: _steps(run), [(1, 1.0)]) == [(1, 1.0)]
         log_epoch(2, _row(2))
-        assert _steps(run) == [(1, 1.0), (2, 0.5)]
+        assert _eventually(lambda: _steps(run), [(1, 1.0), (2, 0.5)]) == [(1, 1.0), (2, 0.5)]
+
+
+def test_a_store_locked_by_another_process_never_stalls_the_loop(run, store):
+    """A real lock (BEGIN EXCLUSIVE in another process): MLflow's writes then wait 20 s each. The
+    loop's calls return at once; the metrics go in when the lock is gone."""
+    db = store[len("sqlite:///"):]
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, db], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with EpochLog(every_s=0) as log_epoch:
+            started = time.monotonic()
+            for epoch in range(1, 6):
+                log_epoch(epoch, _row(epoch))
+                time.sleep(0.05)  # an epoch's work; the writer thread tries meanwhile
+            looped = time.monotonic() - started
+            holder.stdin.write("release\n")
+            holder.stdin.flush()
+            holder.wait(timeout=30)
+        assert looped < 2.0, f"the loop waited {looped:.1f} s on the store"  # a stalled write waits 20 s
+    finally:
+        holder.kill()
+    assert [step for step, _ in _steps(run)] == [1, 2, 3, 4, 5]
+
+
+LOCK_HOLDER = """
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+sys.stdin.readline()
+db.execute("COMMIT")
+"""
 
 
 def test_a_failing_training_still_gets_the_epochs_it_finished(run):
@@ -87,7 +131,7 @@ def test_when_the_last_write_fails_after_a_failure_the_training_error_is_the_one
         with EpochLog(every_s=3600) as log_epoch:
             log_epoch(1, _row(1))
             raise RuntimeError("diverged in epoch 2")
-    assert "could not write the last epochs' metrics" in caplog.text
+    assert "could not write the epoch metrics" in caplog.text and "database is locked" in caplog.text
 
 
 def test_a_batch_never_exceeds_mlflows_limit_of_metrics(run, monkeypatch):

@@ -118,12 +118,10 @@ def test_the_mlflow_snapshot_is_the_grid_as_an_rgb_array():
 
 @pytest.mark.parametrize("every, last, due", [(5, 12, [5, 10, 12]), (5, 10, [5, 10]), (1, 3, [1, 2, 3]),
                                               (0, 12, []), (20, 3, [3])])
-def test_snapshot_epochs(every, last, due, monkeypatch):
-    from pipeline.tracking import images
-
+def test_snapshot_epochs(every, last, due):
     rendered, logged = [], []
-    monkeypatch.setattr(images, "log_image", lambda image, key, step: logged.append((image, key, step)))
-    snapshots = EpochImages("filters", every, last, lambda epoch: rendered.append(epoch) or f"image {epoch}")
+    snapshots = EpochImages("filters", every, last, lambda epoch: rendered.append(epoch) or f"image {epoch}",
+                            lambda image, key, step: logged.append((image, key, step)))
     for epoch in range(1, last + 1):
         snapshots(epoch, {})
     assert rendered == due  # the layers are drawn (copied to the host) on those epochs only

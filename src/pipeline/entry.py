@@ -5,8 +5,11 @@ our errors into a clean exit.
     @stage
     def main(cfg): ...
 
-A PipelineError prints as one message and exits 2; Ctrl-C or SIGTERM (which
-tracking turns into KeyboardInterrupt) exits 130. SystemExit passes through
+A PipelineError prints as one message and exits 2, and so do the environment's
+faults (OSError: a full disk, a permission; MemoryError); Ctrl-C or SIGTERM (which
+tracking turns into KeyboardInterrupt) exits 130. In a sweep, a JobError (a value
+of this job refused, a divergence) fails this job only. Run from a subdirectory of
+the checkout, a stage moves to the project root first. SystemExit passes through
 Hydra's own error reporting untouched, so the user sees our message and not a
 stack trace.
 """
@@ -20,13 +23,14 @@ import hydra
 import yaml
 
 from pipeline.config import CONF_DIR, PROJECT_ROOT, RESOLVED_FILE, effective, validate
-from pipeline.errors import PipelineError
+from pipeline.errors import JobError, PipelineError
 
 
-def stage(run=None, *, against_resolved=True):
-    """Make run(cfg) a Hydra app. against_resolved=False only for the resolve stage itself."""
+def stage(run=None, *, against_resolved=True, record_failed_job=None):
+    """Make run(cfg) a Hydra app. against_resolved=False only for the resolve stage itself.
+    record_failed_job(cfg, err): records a sweep's job that failed before it started a run."""
     if run is None:
-        return functools.partial(stage, against_resolved=against_resolved)
+        return functools.partial(stage, against_resolved=against_resolved, record_failed_job=record_failed_job)
 
     @functools.wraps(run)  # Hydra names the job after run's module (train.log, not entry.log)
     def main(cfg):
@@ -36,13 +40,65 @@ def stage(run=None, *, against_resolved=True):
                 check_resolved(cfg)
             return run(cfg)
         except PipelineError as err:
-            print(f"error: {err}", file=sys.stderr)
-            raise SystemExit(2) from None
+            if isinstance(err, JobError) and _in_a_sweep():
+                return _job_failed(cfg, err, record_failed_job)
+            _exit(2, f"error: {err}")
         except KeyboardInterrupt:
-            print("interrupted: outputs were left as they were (no partial files)", file=sys.stderr)
-            raise SystemExit(130) from None
+            _exit(130, "interrupted: outputs were left as they were (no partial files)")
+        except OSError as err:  # the environment: a full disk, a permission, a file gone
+            _exit(2, f"error: {_os_error(err)}")
+        except MemoryError:
+            _exit(2, "error: out of memory: close other programs, or lower train.batch_size or model.hidden")
 
-    return hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(main)
+    app = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(main)
+
+    @functools.wraps(run)
+    def launch(*args, **kwargs):
+        _at_project_root()
+        return app(*args, **kwargs)
+
+    return launch
+
+
+def _exit(code, message):
+    print(message, file=sys.stderr)
+    raise SystemExit(code) from None
+
+
+def _at_project_root():
+    """Run where conf/ is: from a subdirectory of the checkout, move to its root, so
+    outputs/ and the data paths land there (as under DVC), never in src/ or conf/."""
+    if not (CONF_DIR / "config.yaml").is_file():
+        _exit(2, f"error: no conf/config.yaml in {Path.cwd()} nor in {PROJECT_ROOT}: run the stages from the "
+              "root of a clone of the project (`dvc repro`, or `python -m pipeline.train` there), with the "
+              "package installed from it (`pip install -e .`)")
+    cwd = Path.cwd().resolve()
+    if cwd != PROJECT_ROOT.resolve() and PROJECT_ROOT.resolve() in cwd.parents:
+        print(f"running in the project root {PROJECT_ROOT} (not in {cwd}): relative paths start there",
+              file=sys.stderr)
+        os.chdir(PROJECT_ROOT)
+
+
+def _os_error(err):
+    what = err.strerror or type(err).__name__
+    where = " -> ".join(str(name) for name in (err.filename, err.filename2) if name)
+    return f"{what}: {where}" if where else f"{what} ({err})"
+
+
+def _in_a_sweep():
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _job_failed(cfg, err, record_failed_job):
+    """A sweep's job failed for its own values: recorded FAILED (a run of its own when it
+    had none yet), and NaN returned, so the sweep goes on (Optuna counts the trial failed)."""
+    print(f"error: {err} (this job failed; the sweep goes on)", file=sys.stderr)
+    if getattr(err, "run_id", None) is None and record_failed_job is not None:
+        record_failed_job(cfg, err)
+    return float("nan")
 
 
 def check_resolved(cfg):

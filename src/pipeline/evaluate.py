@@ -15,6 +15,7 @@ from pipeline.entry import output_dir, stage
 from pipeline.errors import PipelineError
 from pipeline.report import evaluation
 from pipeline.tracking import runs
+from pipeline.tracking.store import store_call
 
 log = logging.getLogger(__name__)
 
@@ -22,8 +23,10 @@ log = logging.getLogger(__name__)
 @stage
 def main(cfg):
     model_path = Path(cfg.paths.model) / model_file.FILE
-    layers, trained_with = model_file.load(model_path)
     manifest = read_manifest(cfg.paths.processed, cfg.data)
+    pixels = manifest["arrays"]["test"]["x"]["shape"][1]
+    layers, trained_with = model_file.load(model_path, n_features=pixels, n_classes=len(cfg.data.class_names),
+                                           hidden=list(cfg.model.hidden))
     if trained_with["data"] != effective(cfg)["data"]:
         raise PipelineError(f"{model_path} was trained on other data (data.name {trained_with['data']['name']!r}) "
                             f"than the config's and {cfg.paths.processed}'s ({cfg.data.name!r}): run `dvc repro`")
@@ -31,8 +34,12 @@ def main(cfg):
     class_names = list(cfg.data.class_names)
     report = metrics.evaluate(backend.select(cfg.backend.name), layers, test_x, test_y, len(class_names))
     paths = evaluation.write_reports(report, class_names, output_dir(), test_x)
-    with runs.reopened_run(cfg, manifest, cfg.paths.model):
-        runs.log_evaluation(report, class_names, paths)
+    try:
+        with runs.reopened_run(cfg, manifest, cfg.paths.model, trained_with, "evaluate"):
+            with store_call("log the evaluation"):
+                runs.log_evaluation(report, class_names, paths)
+    except PipelineError as err:  # the store failed: what was computed is on disk all the same
+        raise PipelineError(f"{err}\nThe reports are written: {output_dir()}") from err
     log.info("test accuracy %.4f, loss %.4f -> %s", report["accuracy"], report["loss"], output_dir())
 
 

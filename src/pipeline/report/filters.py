@@ -17,9 +17,19 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.data.files import atomic_path
+from pipeline.errors import ConfigError
 
 GRID_FILE = "filters.png"
 MLP_GRID_UNITS = 64
+
+
+def check(export):
+    """Refuse an export.cmap matplotlib does not know, before any training or drawing."""
+    from matplotlib import colormaps
+
+    if export.cmap not in colormaps:
+        raise ConfigError(f"config export.cmap={export.cmap!r}: expected a matplotlib colormap name, "
+                          "e.g. RdBu_r, coolwarm or seismic")
 
 
 def filters_of(layers, class_names):

@@ -17,7 +17,6 @@ What a run records, so that runs compare in the UI:
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import logging
@@ -42,6 +41,8 @@ from pipeline.config import PROJECT_ROOT, Config
 from pipeline.core.hparams import Hyperparams
 from pipeline.data.files import write_text
 from pipeline.errors import PipelineError
+from pipeline.tracking.store import (FAILURE_TAG, StoreError, end_when_possible, experiment_id, open_store,
+                                     owner_tags, store_call, tracking_uri)
 
 log = logging.getLogger(__name__)
 
@@ -53,52 +54,8 @@ SWEPT_ENV = "PIPELINE_MLFLOW_SWEPT_KEYS"
 # Set by DVC for every `dvc exp run` (named with -n, or a generated name), queued or not.
 DVC_EXP_ENV, DVC_BASELINE_ENV = "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"
 SPLITS = ("train", "val", "test")
-
-
-def tracking_uri():
-    """MLFLOW_TRACKING_URI if set, else SQLite at the project root, as an absolute
-    URI. Under `dvc exp run --queue` the stage runs in a temporary copy; DVC_ROOT
-    then names the real repository, whose store the run belongs in."""
-    root = os.environ.get("DVC_ROOT") or PROJECT_ROOT
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
-
-
-def open_store():
-    """Point MLflow at the store and check that it answers.
-
-    For SQLite, the first touch creates or migrates the schema, which crashes
-    when several processes do it at once; a file lock lets one go first.
-    """
-    uri = tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    lock_path = None
-    if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):])
-        db.parent.mkdir(parents=True, exist_ok=True)
-        lock_path = f"{db}.lock"
-    with open(lock_path or os.devnull, "w") as lock:
-        if lock_path:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            mlflow.MlflowClient().search_experiments(max_results=1)
-        except Exception as err:  # MlflowException, SQLAlchemy or connection errors
-            raise PipelineError(
-                f"MLflow tracking store {uri} does not answer: {str(err)[:300]}. Start the tracking "
-                "server, or unset MLFLOW_TRACKING_URI to use the local SQLite store."
-            ) from err
-
-
-def experiment_id(name):
-    """Get or create the experiment by id. mlflow.set_experiment races under
-    parallel starts and can file runs under 'Default'; this does not."""
-    client = mlflow.MlflowClient()
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    try:
-        return client.create_experiment(name)
-    except MlflowException:  # another process created it first
-        return client.get_experiment_by_name(name).experiment_id
+DVC_STAGE_TAG = "dvc.stage"  # on a run that DVC's train stage made
+EVALUATES_TAG = "evaluates_run_id"  # on the own run of an evaluate or export_filters that DVC does not run
 
 
 @contextlib.contextmanager
@@ -107,41 +64,81 @@ def training_run(cfg, manifest, out_dir):
     open_store()
     parent = os.environ.get(PARENT_ENV)  # a job of a sweep is a child of the sweep's run
     swept = os.environ.get(SWEPT_ENV, "").split(",") if parent else None
-    run = mlflow.start_run(experiment_id=experiment_id(cfg.mlflow.experiment), parent_run_id=parent,
-                           run_name=run_name(cfg, swept), log_system_metrics=_system_metrics(cfg))
-    with _ended_with_status():
-        _describe_run(cfg, manifest)
+    tags = dict(owner_tags(), **({DVC_STAGE_TAG: os.environ["DVC_STAGE"]} if os.environ.get("DVC_STAGE") else {}))
+    with store_call("start a run"):
+        run = mlflow.start_run(experiment_id=experiment_id(cfg.mlflow.experiment), parent_run_id=parent,
+                               run_name=run_name(cfg, swept), tags=tags, log_system_metrics=_system_metrics(cfg))
+    with _ended_with_status(run.info.run_id):
+        with store_call("describe the run"):
+            _describe_run(cfg, manifest)
         write_text(Path(out_dir) / RUN_FILE, json.dumps({"run_id": run.info.run_id}) + "\n")
         log.info("MLflow run %s in %s", run.info.run_id, tracking_uri())
         yield run
 
 
 @contextlib.contextmanager
-def reopened_run(cfg, manifest, model_dir):
-    """Reopen the run that trained the model in model_dir. If the store does
-    not have it (outputs restored by DVC on another machine), continue the run
-    tagged with the old id, or start it: evaluate and export_filters then share
-    one run there too."""
+def reopened_run(cfg, manifest, model_dir, trained_with, stage):
+    """Reopen the run that trained the model in model_dir, for the stage `stage`
+    (evaluate, export_filters). If the store does not have it (outputs restored by
+    DVC on another machine), continue the run tagged with the old id, or start it:
+    evaluate and export_filters then share one run there too. A stage that DVC
+    does not run never writes into a run of the DVC pipeline: it gets a run of its
+    own, tagged with the model's run (EVALUATES_TAG). Params and name come from
+    the model's own config (trained_with), whatever conf/ says now."""
     open_store()
+    try:
+        described = OmegaConf.merge(cfg, trained_with)
+    except Exception as err:  # omegaconf's errors: a model file from another version of the schema
+        log.warning("the model's config does not fit today's schema (%s); its run is described by conf/", err)
+        described = cfg
     run_file = Path(model_dir) / RUN_FILE
     run_id = json.loads(run_file.read_text())["run_id"] if run_file.is_file() else None
-    system_metrics = _system_metrics(cfg)
-    if run_id and _run_exists(run_id):
-        run, restored = mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics), False
+    system_metrics, by_dvc = _system_metrics(cfg), bool(os.environ.get("DVC_STAGE"))
+    experiment = experiment_id(cfg.mlflow.experiment)
+    existing = _run(run_id) if run_id else None
+    client = mlflow.MlflowClient()
+    if existing is not None and (by_dvc or DVC_STAGE_TAG not in existing.data.tags):
+        run, new = mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics), False
+        mlflow.set_tags(owner_tags())
+    elif not by_dvc:
+        log.info("%s is not run by DVC: logging to a run of its own, not to run %s of the pipeline", stage, run_id)
+        run, new = mlflow.start_run(experiment_id=experiment, run_name=f"{stage}: {run_name(described)}",
+                                    tags=dict(owner_tags(), **{EVALUATES_TAG: str(run_id)}),
+                                    log_system_metrics=system_metrics), True
     else:
-        experiment = experiment_id(cfg.mlflow.experiment)
-        earlier = mlflow.MlflowClient().search_runs(
-            [experiment], filter_string=f"tags.restored_from_run_id = '{run_id}'", max_results=1)
+        earlier = client.search_runs([experiment], filter_string=f"tags.restored_from_run_id = '{run_id}'",
+                                     max_results=1)
         log.warning("run %s (from %s) is not in %s; logging to %s", run_id, run_file, tracking_uri(),
                     f"run {earlier[0].info.run_id}, which continues it" if earlier else "a new run")
-        restored = not earlier
-        run = (mlflow.start_run(run_id=earlier[0].info.run_id, log_system_metrics=system_metrics) if earlier else
-               mlflow.start_run(experiment_id=experiment, run_name=run_name(cfg), log_system_metrics=system_metrics))
-    with _ended_with_status():
-        if restored:
-            _describe_run(cfg, manifest)
-            mlflow.set_tag("restored_from_run_id", str(run_id))
+        if earlier:
+            run, new = mlflow.start_run(run_id=earlier[0].info.run_id, log_system_metrics=system_metrics), False
+            mlflow.set_tags(owner_tags())
+        else:
+            run, new = mlflow.start_run(experiment_id=experiment, run_name=run_name(described),
+                                        tags=dict(owner_tags(), restored_from_run_id=str(run_id)),
+                                        log_system_metrics=system_metrics), True
+    with _ended_with_status(run.info.run_id):
+        if new:
+            _describe_run(described, manifest, paths=cfg.paths)
         yield run
+
+
+def record_failed_job(cfg, err):
+    """A run for a sweep's job that failed before it could start one (a config value
+    refused): FAILED with the reason, a child of the sweep, named by its swept values."""
+    open_store()
+    parent = os.environ.get(PARENT_ENV)
+    swept = os.environ.get(SWEPT_ENV, "").split(",") if parent else None
+    try:
+        name = run_name(cfg, swept)
+    except Exception:  # a value too broken to name the run by
+        name = "refused job"
+    client = mlflow.MlflowClient()
+    run = client.create_run(experiment_id(cfg.mlflow.experiment), run_name=name,
+                            tags={**owner_tags(), FAILURE_TAG: f"{type(err).__name__}: {err}"[:4000],
+                                  "job.overrides": " ".join(_hydra_overrides()),
+                                  **({"mlflow.parentRunId": parent} if parent else {})})
+    client.set_terminated(run.info.run_id, "FAILED")
 
 
 def _system_metrics(cfg):
@@ -151,44 +148,67 @@ def _system_metrics(cfg):
     return True if cfg.mlflow.system_metrics else None
 
 
-def _run_exists(run_id):
+def _run(run_id):
     try:
-        mlflow.MlflowClient().get_run(run_id)
-        return True
+        return mlflow.MlflowClient().get_run(run_id)
     except MlflowException:
-        return False
+        return None
 
 
 @contextlib.contextmanager
-def _ended_with_status():
+def _ended_with_status(run_id):
     """End the active run FINISHED, FAILED (with the reason as a tag), or KILLED
-    on Ctrl-C or SIGTERM, which otherwise would leave it RUNNING forever."""
+    on Ctrl-C or SIGTERM, which otherwise would leave it RUNNING forever. When the
+    store fails, the run is ended as soon as it answers again (store.end_when_possible)
+    and the error says so."""
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         yield
-    except KeyboardInterrupt:
-        mlflow.set_tag("failure_reason", "interrupted by SIGINT or SIGTERM")
-        mlflow.end_run("KILLED")
-        raise
     except BaseException as err:
-        mlflow.set_tag("failure_reason", f"{type(err).__name__}: {err}"[:4000])
-        mlflow.end_run("FAILED")
+        if isinstance(err, PipelineError):
+            err.run_id = run_id  # recorded: a sweep need not record this job again (pipeline.entry)
+        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+        reason = "interrupted by SIGINT or SIGTERM" if status == "KILLED" else f"{type(err).__name__}: {err}"[:4000]
+        try:
+            if isinstance(err, StoreError):  # one more call would stall again: straight to later
+                raise err
+            with store_call(f"mark run {run_id} {status}"):
+                mlflow.set_tag(FAILURE_TAG, reason)
+                mlflow.end_run(status)
+        except StoreError as store_err:
+            later = _ended_later(run_id, status, reason)
+            if store_err is err:
+                raise StoreError(f"{err}{later}") from err
+            log.error("%s%s", store_err, later)  # the stage's own error stays the one reported
         raise
     else:
-        mlflow.end_run("FINISHED")
+        try:
+            with store_call(f"end run {run_id}"):
+                mlflow.end_run("FINISHED")
+        except StoreError as err:
+            raise StoreError(f"{err}{_ended_later(run_id, 'FAILED', str(err))}") from err
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _ended_later(run_id, status, reason):
+    record = end_when_possible(run_id, status, reason)
+    if record is None:
+        return f" Run {run_id} is marked {status}."
+    return (f" Run {run_id} stays RUNNING until the store answers: the next stage or training that opens it "
+            f"marks it {status} ({record}).")
 
 
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _describe_run(cfg, manifest):
-    """Params from the config; data tags and inputs from the manifest of the arrays really read."""
+def _describe_run(cfg, manifest, paths=None):
+    """Params from the config; data tags and inputs from the manifest of the arrays really read
+    (paths: where the raw files lie, when cfg is a model's config, which has none)."""
     raw_sha256 = dict(manifest["raw_sha256"]) if manifest is not None else raw_digests(cfg)
     mlflow.log_params(comparable_params(cfg, raw_sha256))
     tags = {f"data.{key}.sha256": digest for key, digest in raw_sha256.items()}
@@ -197,7 +217,7 @@ def _describe_run(cfg, manifest):
     tags["job.overrides"] = " ".join(_hydra_overrides())
     mlflow.set_tags(tags)
     if manifest is not None:
-        log_datasets(cfg, manifest)
+        log_datasets(paths or cfg.paths, manifest)
     mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
 
 
@@ -227,11 +247,11 @@ def dataset_digest(raw_sha256, *parts):
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def log_datasets(cfg, manifest):
+def log_datasets(paths, manifest):
     """train, val and test as MLflow dataset inputs (context = the split): name
     <dataset>-<split>, digest from the raw files' SHA-256s, the raw directory as
     source, the arrays' shapes as schema."""
-    raw, source = manifest["raw_sha256"], f"{Path(cfg.paths.raw).resolve() / manifest['dataset']}"
+    raw, source = manifest["raw_sha256"], f"{Path(paths.raw).resolve() / manifest['dataset']}"
     datasets, contexts = [], []
     for split in SPLITS:
         files = ("test_images", "test_labels") if split == "test" else ("train_images", "train_labels")

@@ -27,6 +27,7 @@ import io
 import logging
 import math
 import os
+import signal
 import time
 from datetime import datetime
 from pathlib import Path
@@ -39,6 +40,7 @@ from omegaconf import OmegaConf
 
 from pipeline.tracking import runs, serving
 from pipeline.tracking.runs import PARENT_ENV, SWEPT_ENV
+from pipeline.tracking.store import owner_tags
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +59,7 @@ class SweepCallback(Callback):
             self.experiment_id, run_name=f"sweep {datetime.now():%Y-%m-%d %H:%M} {','.join(self.keys)}".strip(),
             tags={"sweep.dir": str(Path(sweep_dir).resolve()), "sweep.keys": ",".join(self.keys),
                   "sweep.overrides": " ".join(config.hydra.overrides.task),
-                  **runs.provenance_tags()},
+                  **runs.provenance_tags(), **owner_tags()},
         )
         self.parent_id = parent.info.run_id
         fixed = {key: value for key, value in runs.comparable_params(config, runs.raw_digests(config)).items()
@@ -70,6 +72,18 @@ class SweepCallback(Callback):
         # without a result (cancelled or timed out by SLURM, its node lost) makes the
         # launcher raise, and Hydra exits with sys.exit(1): the summary is then written here.
         atexit.register(self._summarise, config, aborted=True)
+        self.interrupted = False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_interrupt(signal.getsignal(sig)))
+
+    def _on_interrupt(self, previous):
+        """A handler that notes the interrupt (the parent then ends KILLED) and does what `previous` did."""
+        def handler(signum, frame):
+            self.interrupted = True
+            if callable(previous):
+                return previous(signum, frame)
+            raise KeyboardInterrupt(f"signal {signum}")
+        return handler
 
     def on_multirun_end(self, config, **kwargs):
         atexit.unregister(self._summarise)
@@ -107,7 +121,10 @@ class SweepCallback(Callback):
                 version = serving.register(model_uri, name, best["run_id"])
                 tags["registered_model"] = f"{name} version {version} (models:/{name}@{serving.ALIAS})"
         client.log_batch(self.parent_id, tags=[RunTag(key, value) for key, value in tags.items()])
-        client.set_terminated(self.parent_id, "FINISHED" if finished and not aborted else "FAILED")
+        # Ctrl-C or SIGTERM (here, or in a job, whose run then ended KILLED): KILLED; any other end: FAILED.
+        interrupted = aborted and (self.interrupted or any(r["status"] == "KILLED" for r in rows))
+        client.set_terminated(self.parent_id, "KILLED" if interrupted else
+                              "FINISHED" if finished and not aborted else "FAILED")
         log.info("sweep summary (MLflow parent run %s):\n%s", self.parent_id,
                  summary_table(children, self.keys, best and best["run_id"], tags))
 
