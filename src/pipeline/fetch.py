@@ -141,7 +141,10 @@ def _install(stream, spec, out_dir, origin, scratch):
     try:
         with open(tmp, "wb") as f:
             while True:
-                block = stream.read(min(1 << 20, spec.size + 1 - size))  # a source error: another source may do
+                try:
+                    block = stream.read(min(1 << 20, spec.size + 1 - size))
+                except (OSError, EOFError) as err:  # a bad .gz, a cut download: another source may do
+                    raise PipelineError(f"{origin}: cannot read it ({type(err).__name__}: {err})") from None
                 if not block:
                     break
                 size += len(block)
