@@ -8,7 +8,7 @@ to every pixel of the (n, 784) batch, since W (s c) = s (W c).
 
 The trainer takes this path when backend.fast is true (the default) and
 `applies` says so; tests/test_codes.py checks it against model.gradients.
-Measured by benchmarks/bench_paths.py (figures in benchmarks/README.md): an epoch
+Measured by benchmarks/bench_peers.py (figures in benchmarks/README.md): an epoch
 at batch 128 takes about 0.9 of the plain path's time. MIN_BATCH comes from an
 earlier measurement, before the restructuring.
 """

@@ -23,9 +23,15 @@ Where the speed comes from (figures in benchmarks/README.md):
   exact float32 that normalise stores). Same arithmetic, a fifth of the work.
 - W is stored transposed and padded, Wt (784, LANES) with LANES = 16 >= the
   classes: pixel j's weights for all classes are one contiguous 64-byte row, so
-  `z += x_j * Wt[j]` and `G[j] += x_j * delta` are one AVX-512 vector operation
-  each (two AVX2 ones), no reduction and no fastmath needed. The padding lanes
-  stay 0 (their delta is 0). trainer.fit copies W and b back after every epoch.
+  `z += x_j Wt[j]` and `G[j] += x_j delta` are one AVX-512 vector operation
+  each (`add_scaled`, written as LLVM vector code: Numba's loops over 16 lanes
+  stayed scalar or went through memory), with z and delta kept in registers
+  (`_registers`). No reduction, so no fastmath. The padding lanes stay 0 (their
+  delta is 0). trainer.fit copies W and b back after every epoch.
+- The images come in shuffled order, so each one's pixel list is a cache miss:
+  the loop asks for the list AHEAD images ahead (`_prefetch`).
+- Unsigned indices (uint64 offsets, uint16 columns): Numba then skips the
+  negative-index wraparound on every access of the inner loops.
 - Per-sample SGD (batch 1, no momentum or weight decay) updates the lit rows
   directly; any other setup accumulates G over the batch and takes one dense
   step per batch.
@@ -51,12 +57,12 @@ AHEAD = 8  # the training loop asks for the pixels of the image this many steps 
 
 def applies(layers, num_classes):
     """Softmax regression (one layer) with classes that fit the lanes and pixel
-    indices that fit int16."""
-    return len(layers) == 1 and num_classes <= LANES and layers[0][0].shape[1] < 2 ** 15
+    columns that fit uint16."""
+    return len(layers) == 1 and num_classes <= LANES and layers[0][0].shape[1] < 2 ** 16
 
 
 class Images:
-    """A split as its lit pixels: rows start..stop of `column`/`code` for image i are
+    """A split as its lit pixels: those of image i are column[k], code[k] for k in
     indptr[i]..indptr[i + 1]."""
 
     def __init__(self, pixel_codes):
@@ -100,66 +106,20 @@ def evaluate(model, images, labels):
 def lit_pixels(codes):
     """(indptr, column, code) of the nonzero pixels of uint8 codes (n, features), row by row."""
     n, features = codes.shape
-    indptr = np.zeros(n + 1, np.int64)
+    indptr = np.zeros(n + 1, np.uint64)
     for i in range(n):
         lit = 0
         for j in range(features):
             lit += codes[i, j] != 0
         indptr[i + 1] = indptr[i] + lit
-    column, code = np.empty(indptr[n], np.int16), np.empty(indptr[n], np.uint8)
+    column, code = np.empty(indptr[n], np.uint16), np.empty(indptr[n], np.uint8)
     for i in range(n):
         k = indptr[i]
         for j in range(features):
             if codes[i, j] != 0:
                 column[k], code[k] = j, codes[i, j]
-                k += 1
+                k += np.uint64(1)
     return indptr, column, code
-
-
-@njit(cache=True)
-def _logits(Wt, b, column, code, pixel, lo, hi, z):
-    """z = W x + b, summed over the lit pixels lo..hi of one image: z += x_j W[:, j]."""
-    for c in range(LANES):
-        z[c] = b[c]
-    for k in range(lo, hi):
-        add_scaled(z, pixel[code[k]], Wt[column[k]])
-
-
-@njit(cache=True)
-def _softmax(z, y, classes, p):
-    """p = softmax(z) over the classes; (cross-entropy -log p_y, 1 if argmax z == y else 0).
-    Shifted by the max as model.softmax; NaN or inf logits give a NaN loss."""
-    top, best = z[0], 0
-    for c in range(1, classes):
-        if z[c] > top:  # the first maximum, as argmax
-            top, best = z[c], c
-    total = np.float32(0)
-    for c in range(classes):
-        p[c] = np.exp(z[c] - top)
-        total += p[c]
-    for c in range(classes):
-        p[c] /= total
-    return np.log(total) - (z[y] - top), best == y
-
-
-@njit(cache=True)
-def _step(Wt, b, G, gb, V, vb, lr, momentum, nesterov, weight_decay):
-    """optim.SGD.step on every weight from the batch's gradient (G, gb), which it then zeroes."""
-    _update(Wt.reshape(-1), G.reshape(-1), V.reshape(-1), lr, momentum, nesterov, weight_decay)
-    _update(b, gb, vb, lr, momentum, nesterov, 0.0)  # no weight decay on biases
-
-
-@njit(cache=True)
-def _update(w, g, v, lr, momentum, nesterov, weight_decay):
-    for q in range(w.shape[0]):
-        grad = g[q]
-        if weight_decay:
-            grad += weight_decay * w[q]
-        if momentum:
-            v[q] = momentum * v[q] + grad
-            grad = grad + momentum * v[q] if nesterov else v[q]
-        w[q] -= lr * grad
-        g[q] = 0
 
 
 @njit(cache=True)
@@ -184,12 +144,12 @@ def _train_epoch(Wt, b, G, gb, V, vb, indptr, column, code, pixel, labels, order
                 delta[c] = (p[c] - (c == y)) / size  # dL/dz of the batch's mean loss
             if lecture:  # W <- W - lr delta x^T, b <- b - lr delta: only the lit pixels' rows move
                 for k in range(lo, hi):
-                    add_scaled(Wt[column[k]], -lr * pixel[code[k]], delta)
-                add_scaled(b, -lr, delta)
+                    add_scaled(Wt, column[k], -lr * pixel[code[k]], delta, 0)  # W[:, j] -= lr x_j delta
+                add_scaled(b, 0, -lr, delta, 0)
             else:  # G += delta x^T, gb += delta
                 for k in range(lo, hi):
-                    add_scaled(G[column[k]], pixel[code[k]], delta)
-                add_scaled(gb, np.float32(1), delta)
+                    add_scaled(G, column[k], pixel[code[k]], delta, 0)  # G[:, j] += x_j delta
+                add_scaled(gb, 0, np.float32(1), delta, 0)
         if not lecture:
             _step(Wt, b, G, gb, V, vb, lr, momentum, nesterov, weight_decay)
     return loss / n, hits / n
@@ -208,6 +168,52 @@ def _evaluate(Wt, b, indptr, column, code, pixel, labels, classes):
 
 
 @njit(cache=True)
+def _logits(Wt, b, column, code, pixel, lo, hi, z):
+    """z = W x + b, summed over the lit pixels lo..hi of one image."""
+    for c in range(LANES):
+        z[c] = b[c]
+    for k in range(lo, hi):
+        add_scaled(z, 0, pixel[code[k]], Wt, column[k])  # z += x_j W[:, j]
+
+
+@njit(cache=True)
+def _softmax(z, y, classes, p):
+    """p = softmax(z) over the classes; (cross-entropy -log p_y, 1 if argmax z == y else 0).
+    Shifted by the max as model.softmax; NaN or inf logits give a NaN loss."""
+    top, best = z[0], 0
+    for c in range(1, classes):
+        if z[c] > top:  # the first maximum, as argmax
+            top, best = z[c], c
+    total = np.float32(0)
+    for c in range(classes):
+        p[c] = np.exp(z[c] - top)
+        total += p[c]
+    for c in range(classes):
+        p[c] /= total
+    return np.log(total) - (z[y] - top), best == y
+
+
+@njit(cache=True)
+def _step(Wt, b, G, gb, V, vb, lr, momentum, nesterov, weight_decay):
+    """optim.SGD.step on every weight from the batch's gradient (G, gb), which it then zeroes."""
+    _update(Wt.reshape(-1), G.reshape(-1), V.reshape(-1), lr, momentum, nesterov, weight_decay)
+    _update(b, gb, vb, lr, momentum, nesterov, np.float32(0))  # no weight decay on biases
+
+
+@njit(cache=True)
+def _update(w, g, v, lr, momentum, nesterov, weight_decay):
+    for q in range(w.shape[0]):
+        grad = g[q]
+        if weight_decay:
+            grad += weight_decay * w[q]
+        if momentum:
+            v[q] = momentum * v[q] + grad
+            grad = grad + momentum * v[q] if nesterov else v[q]
+        w[q] -= lr * grad
+        g[q] = 0
+
+
+@njit(cache=True)
 def _prefetch_image(indptr, column, code, order, t):
     """Ask the memory for the pixels of the image at step t (and for where those of
     step t + AHEAD lie): in shuffled order each image's are a cache miss."""
@@ -216,15 +222,16 @@ def _prefetch_image(indptr, column, code, order, t):
         _prefetch(indptr, order[t + AHEAD])
     if t < n:
         i = order[t]
-        for k in range(indptr[i], indptr[i + 1], 32):  # 64-byte cache lines: 32 columns, 64 codes
+        lo, hi = indptr[i], indptr[i + 1]
+        for k in range(lo, hi, np.uint64(32)):  # a 64-byte cache line holds 32 columns, 64 codes
             _prefetch(column, k)
-            if (k - indptr[i]) % 64 == 0:
+            if (k - lo) % np.uint64(64) == 0:
                 _prefetch(code, k)
 
 
-# What Numba does not write by itself: LLVM keeps a heap array's values in memory
-# and does not vectorise the 16-lane updates across the loop over pixels, so these
-# three write the vector code directly.
+# What Numba does not write by itself: LLVM keeps a heap array's values in memory,
+# does not vectorise the 16-lane updates across the loop over pixels and does not
+# know that a row of Wt is LANES floats long, so these write the code directly.
 
 @intrinsic
 def _stack_pointer(typingctx, size):
@@ -245,24 +252,29 @@ def _registers():
 
 
 @intrinsic
-def add_scaled(typingctx, dst, a, src):
-    """dst[:LANES] += a * src[:LANES] as one vector operation; dst and src are float32
-    arrays of at least LANES contiguous values (a row of Wt or G, or _registers())."""
+def add_scaled(typingctx, dst, i, a, src, j):
+    """dst[i] += a * src[j] as one vector operation on LANES float32: dst and src are
+    C-contiguous float32 arrays of rows of LANES (Wt, G), or of LANES values with row 0
+    (b, gb, _registers()). No bounds check: the callers' rows exist."""
     def codegen(context, builder, signature, args):
-        dst_type, a_type, src_type = signature.args
+        dst_type, i_type, a_type, src_type, j_type = signature.args
         vector = ir.VectorType(ir.FloatType(), LANES)
-        pointers = [builder.bitcast(context.make_array(kind)(context, builder, array).data, vector.as_pointer())
-                    for kind, array in ((dst_type, args[0]), (src_type, args[2]))]
-        scalar = context.cast(builder, args[1], a_type, types.float32)
+
+        def row(array_type, array, index_type, index):
+            data = context.make_array(array_type)(context, builder, array).data
+            offset = builder.mul(context.cast(builder, index, index_type, types.intp), ir.IntType(64)(LANES))
+            return builder.bitcast(builder.gep(data, [offset]), vector.as_pointer())
+
+        target, source = row(dst_type, args[0], i_type, args[1]), row(src_type, args[3], j_type, args[4])
+        scalar = context.cast(builder, args[2], a_type, types.float32)
         splat = builder.insert_element(ir.Constant(vector, ir.Undefined), scalar, ir.IntType(32)(0))
         splat = builder.shuffle_vector(splat, ir.Constant(vector, ir.Undefined),
                                        ir.Constant(ir.VectorType(ir.IntType(32), LANES), [0] * LANES))
-        total = builder.fadd(builder.load(pointers[0], align=4),
-                             builder.fmul(splat, builder.load(pointers[1], align=4)))
-        builder.store(total, pointers[0], align=4)
+        total = builder.fadd(builder.load(target, align=4), builder.fmul(splat, builder.load(source, align=4)))
+        builder.store(total, target, align=4)
         return context.get_dummy_value()
 
-    return types.void(dst, a, src), codegen
+    return types.void(dst, i, a, src, j), codegen
 
 
 @intrinsic
