@@ -102,6 +102,15 @@ def evaluate(model, images, labels):
     return _evaluate(model.Wt, model.b, images.indptr, images.column, images.code, PIXEL, labels, model.classes)
 
 
+def warm_up():
+    """Compile the kernels (or load them from the cache) on a tiny problem, so that no
+    epoch's time includes it."""
+    images, labels = Images(np.ones((2, 3), np.uint8)), np.zeros(2, np.int64)
+    model = Model(np.zeros((2, 3), np.float32), np.zeros(2, np.float32), 0.0)
+    train_epoch(model, images, labels, np.arange(2), 1, 0.0, 0.0, False, 0.0)
+    evaluate(model, images, labels)
+
+
 @njit(cache=True)
 def lit_pixels(codes):
     """(indptr, column, code) of the nonzero pixels of uint8 codes (n, features), row by row."""

@@ -17,12 +17,12 @@ import numpy as np
 from pipeline.core import codes, model
 from pipeline.core.hparams import Hyperparams
 from pipeline.core.optim import SGD, learning_rate
-from pipeline.errors import JobError
+from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
 
-class DivergenceError(JobError):
+class DivergenceError(PipelineError):
     pass
 
 
@@ -120,6 +120,7 @@ def _compiled_epochs(hp, layers, train_xy, val_xy, num_classes):
     images, val_images = compiled.Images(train_codes), compiled.Images(val_codes)
     labels, val_labels = (np.asarray(y, dtype=np.int64) for y in (train_xy[1], val_xy[1]))
     weights = compiled.Model(W, b, hp.momentum)
+    compiled.warm_up()  # compiling (first run) or loading the cache is setup, not the first epoch's time
 
     def epoch(order, lr):
         train = compiled.train_epoch(weights, images, labels, order, hp.batch_size, lr, hp.momentum,
