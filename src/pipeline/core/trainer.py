@@ -17,12 +17,12 @@ import numpy as np
 from pipeline.core import codes, model
 from pipeline.core.hparams import Hyperparams
 from pipeline.core.optim import SGD, learning_rate
-from pipeline.errors import PipelineError
+from pipeline.errors import JobError
 
 log = logging.getLogger(__name__)
 
 
-class DivergenceError(PipelineError):
+class DivergenceError(JobError):
     pass
 
 
