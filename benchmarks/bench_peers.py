@@ -260,7 +260,7 @@ def main():
                 return f"{mark + format(m[key], '.3f'):>{width}}"
 
             print(f"{name:<26}{cell('plain', 10)}{cell('codes', 10)}{cell('numba', 9)}{cell('jax', 9)}"
-                  f"{cell('torch', 9)}{m['numba'] / m['jax']:10.2f}{m['numba'] / m['torch']:12.2f}{floor:8.3f}"
+                  f"{cell('torch', 9)}{m['numba'] / m['jax']:10.3f}{m['numba'] / m['torch']:12.3f}{floor:8.3f}"
                   f"{m['numba'] / floor:12.2f}{statistics.median(compiles):11.2f}s")
             print(f"{'':<26}val accuracy after {args.epochs} epochs (torch: 1 at batch 1): "
                   + ", ".join(f"{key} {value:.4f}" for key, value in accuracy.items()))
