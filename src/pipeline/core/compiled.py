@@ -37,7 +37,9 @@ Where the speed comes from (figures in benchmarks/README.md):
   step per batch.
 
 No fastmath: the loss must turn into NaN/inf when training diverges (fastmath
-lets LLVM assume it never does), and the lane loops vectorise without it.
+lets LLVM assume it never does), and the vector code needs no reassociation.
+The vectors are LLVM's <16 x float>: on a CPU without AVX-512 LLVM splits them
+into AVX2 or SSE (or NEON) operations, so the same code runs anywhere Numba does.
 `cache=True`: the machine code is kept in __pycache__ beside this file, so only
 the first process compiles (see benchmarks/bench_peers.py for both times).
 """
