@@ -41,7 +41,7 @@ def test_dvc_repro_end_to_end_on_real_mnist(repo_copy):
     assert run.info.status == "FINISHED"
     params = run.data.params
     assert params["train.lr"] == "0.2" and params["train.epochs"] == "2" and params["seed"] == "0"
-    assert params["model.name"] == "softmax" and params["backend.name"] == "numpy"
+    assert params["model.name"] == "softmax" and params["backend.name"] == "auto"
     for name in ("train/loss", "train/accuracy", "val/loss", "val/accuracy"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, name)] == [1, 2]
     assert run.data.metrics["test/accuracy"] == pytest.approx(metrics["accuracy"], abs=1e-6)

@@ -21,12 +21,15 @@ from pipeline.errors import ConfigError, PipelineError
 
 
 def _project_root():
-    """The checkout a command runs in: the current directory when it holds
-    conf/config.yaml (DVC runs every stage, and every queued `dvc exp run`, from
-    the root of its workspace, which may be a temporary copy), else the
-    checkout this package was installed from."""
-    cwd = Path.cwd()
-    return cwd if (cwd / "conf" / "config.yaml").is_file() else Path(__file__).resolve().parents[2]
+    """The checkout a command runs in: the nearest directory from the current one
+    up that holds conf/config.yaml (DVC runs every stage, and every queued `dvc exp
+    run`, from the root of its workspace, which may be a temporary copy; a user may
+    be in src/), else the checkout this package was installed from."""
+    cwd = Path.cwd().resolve()
+    for directory in (cwd, *cwd.parents):
+        if (directory / "conf" / "config.yaml").is_file():
+            return directory
+    return Path(__file__).resolve().parents[2]
 
 
 PROJECT_ROOT = _project_root()

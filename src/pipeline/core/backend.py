@@ -51,7 +51,9 @@ def select(name):
     if name == "cupy":
         return _cupy(required=True)
     if name == "auto":
-        chosen = _cupy(required=False) or _numba(required=False) or Backend("numpy", np)
+        # Not CuPy: at the lecture's batch sizes its many small kernels lost to the CPU (DESIGN.md §6,
+        # an H200 slower than NumPy at batch 128); choose backend=cupy for a GPU explicitly.
+        chosen = _numba(required=False) or Backend("numpy", np)
         log.info("backend auto -> %s", chosen.name)
         return chosen
     raise PipelineError(f"config backend.name={name!r}: expected numpy, numba, cupy or auto")

@@ -4,6 +4,7 @@ package that imports mlflow.
 Importing any of its modules sets MLflow's environment defaults below first;
 set one of these variables yourself to override it."""
 
+import logging
 import os
 
 for _name, _value in (
@@ -16,3 +17,7 @@ for _name, _value in (
     ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"),
 ):
     os.environ.setdefault(_name, _value)
+
+# MLflow's SQLAlchemy store logs every database error with its traceback before raising it;
+# the stages say what failed and what to do (pipeline.tracking.store), once.
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)

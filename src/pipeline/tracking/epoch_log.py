@@ -10,7 +10,7 @@ import mlflow
 from mlflow.entities import Metric
 
 from pipeline.errors import PipelineError
-from pipeline.tracking.store import StoreError, store_failure, tracking_uri
+from pipeline.tracking.store import StoreError, short, store_failure, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class EpochLog:
         self.client = mlflow.MlflowClient()
         self.pending, self.lock = [], threading.Lock()  # metrics not yet written; shared with the thread
         self.jobs = queue.Queue()
-        self.failures, self.error = 0, None
+        self.failures, self.error, self.closing = 0, None, False
         self.asked_at = time.monotonic()
         self.thread = threading.Thread(target=self._work, daemon=True, name="mlflow-epoch-log")
         self.thread.start()
@@ -60,10 +60,13 @@ class EpochLog:
         self.jobs.put(lambda: self._log_image(image, key, step))
 
     def _log_image(self, image, key, step):
+        if self.failures:  # the store is failing: a picture is not worth another wait
+            log.warning("MLflow store failing: the %s image of epoch %d is left out", key, step)
+            return
         try:
             self.client.log_image(self.run_id, image, key=key, step=step, synchronous=True)
         except Exception as err:  # MlflowException, OSError, connection errors
-            log.warning("MLflow did not take the %s image of epoch %d: %s", key, step, str(err)[:300])
+            log.warning("MLflow did not take the %s image of epoch %d: %s", key, step, short(err))
 
     def _write(self):
         with self.lock:
@@ -76,29 +79,41 @@ class EpochLog:
 
     def _work(self):
         while (job := self.jobs.get()) is not None:
+            if self.closing and job != self._last_write:
+                continue  # closing: only the last write counts (it writes all that is pending)
             if job == self._write and self.failures >= self.MAX_FAILURES:
                 continue  # the store keeps failing: the metrics wait for close
             try:
                 job()
-                if job == self._write:
+                if job in (self._write, self._last_write):
                     self.failures, self.error = 0, None
             except Exception as err:  # MlflowException, SQLAlchemy or connection errors
                 self.failures, self.error = self.failures + 1, err
-                log.warning("MLflow did not take the epoch metrics (%s); %s", " ".join(str(err).split())[:200],
+                log.warning("MLflow did not take the epoch metrics (%s); %s", short(err),
                             "trying again later" if self.failures < self.MAX_FAILURES else
                             "no more tries until the training ends")
 
+    def _last_write(self, attempts=3, pause_s=1.0):
+        """The write on close: a store that failed a moment ago gets a few more tries."""
+        for attempt in range(attempts):
+            try:
+                return self._write()
+            except Exception:
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(pause_s)
+
     def close(self):
-        """Write what is left (the thread's last job); StoreError if it does not go in."""
-        self.failures = 0  # one last try whatever happened before
-        self.jobs.put(self._write)
+        """Write what is left (the thread's last job, whatever failed before; jobs still
+        queued are dropped); StoreError if it does not go in within close_timeout_s."""
+        self.closing = True
+        self.jobs.put(self._last_write)
         self.jobs.put(None)
         self.thread.join(self.close_timeout_s)
-        if self.thread.is_alive():
-            raise StoreError(f"could not write the epoch metrics: MLflow tracking store {tracking_uri()} did not "
-                             f"answer within {self.close_timeout_s:.0f} s")
-        if self.pending:
-            raise StoreError(f"could not write the epoch metrics: {store_failure(tracking_uri(), self.error)}")
+        if self.thread.is_alive() or self.pending:
+            cause = (store_failure(tracking_uri(), self.error) if self.error is not None else
+                     f"MLflow tracking store {tracking_uri()} did not answer within {self.close_timeout_s:.0f} s")
+            raise StoreError(f"could not write the epoch metrics: {cause}")
 
     def __enter__(self):
         return self

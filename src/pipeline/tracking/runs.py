@@ -33,6 +33,7 @@ import numpy as np
 import yaml
 from mlflow.data.dataset_source import DatasetSource
 from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import Param
 from mlflow.exceptions import MlflowException
 from mlflow.types import Schema, TensorSpec
 from omegaconf import OmegaConf
@@ -138,6 +139,9 @@ def record_failed_job(cfg, err):
                             tags={**owner_tags(), FAILURE_TAG: f"{type(err).__name__}: {err}"[:4000],
                                   "job.overrides": " ".join(_hydra_overrides()),
                                   **({"mlflow.parentRunId": parent} if parent else {})})
+    with contextlib.suppress(Exception):  # the values it was refused for, to compare and sort by
+        client.log_batch(run.info.run_id, params=[Param(key, value) for key, value in
+                                                  comparable_params(cfg, raw_digests(cfg)).items()])
     client.set_terminated(run.info.run_id, "FAILED")
 
 

@@ -22,6 +22,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import socket
 import threading
 from pathlib import Path
@@ -68,25 +69,32 @@ def open_store():
     db = _sqlite_file(uri)
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{db}.lock" if db else os.devnull, "w") as lock:
-        if db:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
+    try:
+        with open(f"{db}.lock" if db else os.devnull, "w") as lock:
+            if db:
+                fcntl.flock(lock, fcntl.LOCK_EX)
             mlflow.MlflowClient().search_experiments(max_results=1)
-        except Exception as err:  # MlflowException, SQLAlchemy or connection errors
-            raise PipelineError(store_failure(uri, err)) from err
+    except Exception as err:  # MlflowException, SQLAlchemy or connection errors; OSError of the lock file
+        raise PipelineError(store_failure(uri, err)) from err
     try:
         end_leftovers()
     except Exception as err:  # bookkeeping of older runs never stops this one
         log.warning("could not end the runs earlier processes left RUNNING: %s", str(err)[:300])
 
 
+def short(err):
+    """An exception's message without SQLAlchemy's statement, parameters and links: one line."""
+    text = " ".join(str(err).split("[SQL:")[0].split())
+    text = re.sub(r"\(raised as a result of [^)]*\)\s*", "", text)
+    return text[:300] or type(err).__name__
+
+
 def store_failure(uri, err):
     """What went wrong with the store at uri, and what to do about it."""
-    text = " ".join(str(err).split())
+    text = short(err)
     db = _sqlite_file(uri)
     if db is None:
-        return (f"MLflow tracking store {uri} does not answer: {text[:300]}. Start the tracking server, "
+        return (f"MLflow tracking store {uri} does not answer: {text}. Start the tracking server, "
                 "or unset MLFLOW_TRACKING_URI to use the local SQLite store.")
     lowered = text.lower()
     if "database is locked" in lowered:
@@ -101,7 +109,7 @@ def store_failure(uri, err):
         hint = f"the disk under {db} is full (or failing): free space there, then run again"
     else:
         hint = f"check {db}, or point MLFLOW_TRACKING_URI at a tracking server"
-    return f"MLflow tracking store {uri} failed: {text[:300]}. {hint}."
+    return f"MLflow tracking store {uri} failed: {text}. {hint[0].upper()}{hint[1:]}."
 
 
 @contextlib.contextmanager
@@ -192,6 +200,10 @@ def _end_recorded(client, record):
         entry = json.loads(record.read_text())
     except (OSError, ValueError):
         record.unlink(missing_ok=True)
+        return
+    db = _sqlite_file(str(entry.get("tracking_uri")))
+    if db is not None and not db.exists():
+        record.unlink(missing_ok=True)  # its store is gone, and the run with it
         return
     if entry.get("tracking_uri") != tracking_uri():
         return  # a run of another store: ended when that store is opened
