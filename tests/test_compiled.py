@@ -121,6 +121,16 @@ def test_a_diverging_training_raises_on_the_compiled_path_as_on_numpy():
     assert "nan (train)" in messages[0] and messages[:2] == messages[2:]
 
 
+def test_backend_fast_false_on_numba_is_the_plain_numpy_code():
+    """backend.fast=false means the lecture's code everywhere: bit for bit NumPy's plain path."""
+    hp = Hyperparams(lr=0.1, epochs=1, batch_size=16, momentum=0.9)
+    history_numba, layers_numba, _ = _fit("numba", hp, fast=False)
+    history_numpy, layers_numpy, _ = _fit("numpy", hp, fast=False)
+    for (W, b), (W_ref, b_ref) in zip(layers_numba, layers_numpy, strict=True):
+        assert np.array_equal(W, W_ref) and np.array_equal(b, b_ref)
+    assert [row["val/loss"] for row in history_numba] == [row["val/loss"] for row in history_numpy]
+
+
 def test_the_mlp_on_backend_numba_is_the_numpy_code():
     hp = Hyperparams(lr=0.05, epochs=1, batch_size=64, momentum=0.9)
     hist_numba, layers_numba, _ = _fit("numba", hp, hidden=[32])

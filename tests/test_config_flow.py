@@ -72,9 +72,9 @@ def test_switch_a_group_then_edit_its_selected_non_default_file(dvc_work):
 
 def test_select_a_non_default_backend_file_then_edit_it(dvc_work):
     repo, env = dvc_work
-    edit(repo / "conf/config.yaml", r"^  - backend: numpy$", "  - backend: auto")
+    edit(repo / "conf/config.yaml", r"^  - backend: auto$", "  - backend: numpy")
     _repro(repo, env, FROM_TRAIN)  # the config saved in model.npz changed
-    edit(repo / "conf/backend/auto.yaml", r"^threads: .*$", "threads: 2")
+    edit(repo / "conf/backend/numpy.yaml", r"^threads: .*$", "threads: 2")
     _repro(repo, env, FROM_TRAIN)
     assert _trained_with(repo)["backend"]["threads"] == 2
 

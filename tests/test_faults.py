@@ -105,7 +105,7 @@ def test_when_every_source_fails_the_error_lists_each_and_good_files_stay(fixtur
     good = (fixture_cfg.data.sources[0].path + "/" + labels.name)
     (raw / labels.name).write_bytes(open(good, "rb").read())  # already verified: must survive
     before = (raw / labels.name).stat().st_mtime_ns
-    (raw / fixture_cfg.data.files.test_labels.name).write_bytes(b"stale junk")  # unverified: must go
+    (raw / fixture_cfg.data.files.test_labels.name).write_bytes(b"stale junk")  # unverified: moved out of raw (to raw-fetch/moved-aside)
     fixture_cfg.data.timeout_s = 1.0
     urls = [_fault_url(mirror, f) for f in FAULTS]
     fixture_cfg.data.sources = [SourceSpec("http", url=url) for url in urls]

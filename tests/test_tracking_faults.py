@@ -29,6 +29,7 @@ from pipeline.errors import PipelineError
 from pipeline.tracking import store
 
 EPOCHS = 40  # fixture epochs take milliseconds: the fault lands early, the rest must not wait
+NO_IMAGES = "export.log_every_epochs=0"  # pictures wait on the store too: left to the test of a short lock
 
 
 def _train(overrides, out, env=None, cwd=PROJECT_ROOT):
@@ -110,7 +111,7 @@ def test_a_store_locked_for_longer_than_the_run_keeps_the_model_and_fails_the_ru
             if epoch == 2:
                 release.append(stack.enter_context(_sqlite_locked(db)))
 
-        proc = _train([*fixture_overrides, f"train.epochs={EPOCHS}"], out)
+        proc = _train([*fixture_overrides, f"train.epochs={EPOCHS}", NO_IMAGES], out)
         times, output = _epoch_times(proc, lock_at)
         assert proc.returncode == 2, output[-3000:]
         _assert_loop_never_waited(times, 2)
@@ -174,7 +175,7 @@ def test_a_full_disk_under_the_store_keeps_the_model_and_names_the_disk(fixture_
     with _tmpfs(tmp_path / "store", size="64m") as disk:
         uri = f"sqlite:///{disk / 'mlflow.db'}"
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-        proc = _train([*fixture_overrides, f"train.epochs={EPOCHS}"], out, env=os.environ.copy())
+        proc = _train([*fixture_overrides, f"train.epochs={EPOCHS}", NO_IMAGES], out, env=os.environ.copy())
         times, output = _epoch_times(proc, lambda epoch: epoch == 2 and _fill(disk))
         assert proc.returncode == 2, output[-3000:]
         _assert_loop_never_waited(times, 2)
@@ -213,7 +214,7 @@ def test_a_tracking_server_that_goes_away_keeps_the_model_and_the_run_fails_when
                 os.killpg(server[0].pid, signal.SIGKILL)
                 server[0].wait()
 
-        proc = _train([*fixture_overrides, f"train.epochs={EPOCHS}"], out, env=os.environ.copy())
+        proc = _train([*fixture_overrides, f"train.epochs={EPOCHS}", NO_IMAGES], out, env=os.environ.copy())
         times, output = _epoch_times(proc, stop_at)
         assert proc.returncode == 2, output[-3000:]
         _assert_loop_never_waited(times, 2)

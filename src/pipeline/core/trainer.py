@@ -29,14 +29,15 @@ class DivergenceError(JobError):
 def fit(be, hp: Hyperparams, rng, layers, train_xy, val_xy, num_classes, fast=True,
         on_epoch=lambda epoch, row: None, progress=None):
     """Train `layers` (device arrays) in place; return one row of metrics per epoch.
-    fast: take the 8-bit pixel-code path (pipeline.core.codes) where it applies.
-    Backend numba trains softmax regression in compiled loops (pipeline.core.compiled,
-    any batch size) when the images are 8-bit pixels; everything else runs the
-    array-API code below on NumPy.
+    fast: take the speed paths where they apply: the 8-bit pixel-code path
+    (pipeline.core.codes), and on backend numba the compiled loops of softmax
+    regression (pipeline.core.compiled, any batch size) when the images are 8-bit
+    pixels; everything else runs the array-API code below (on NumPy for numba).
     progress: a progress bar over the epochs on stderr, with the last epoch's
     figures, instead of a log line per epoch (those then go to DEBUG); None:
     when stderr is a terminal, so CI and DVC logs keep the plain lines."""
-    epochs = _compiled_epochs(hp, layers, train_xy, val_xy, num_classes) if be.name == "numba" else None
+    # fast=false is the lecture's plain code everywhere, the compiled loops included.
+    epochs = _compiled_epochs(hp, layers, train_xy, val_xy, num_classes) if be.name == "numba" and fast else None
     if epochs is None:
         epochs = _array_api_epochs(be, hp, layers, train_xy, val_xy, num_classes, fast)
     n = len(train_xy[1])

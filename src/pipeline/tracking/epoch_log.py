@@ -65,7 +65,8 @@ class EpochLog:
             return
         try:
             self.client.log_image(self.run_id, image, key=key, step=step, synchronous=True)
-        except Exception as err:  # MlflowException, OSError, connection errors
+        except Exception as err:  # MlflowException, OSError, connection errors: a failing store
+            self.failures, self.error = self.failures + 1, err
             log.warning("MLflow did not take the %s image of epoch %d: %s", key, step, short(err))
 
     def _write(self):
@@ -94,12 +95,15 @@ class EpochLog:
                             "no more tries until the training ends")
 
     def _last_write(self, attempts=3, pause_s=1.0):
-        """The write on close: a store that failed a moment ago gets a few more tries."""
+        """The write on close. A store that failed fast (a hiccup) gets a few more tries;
+        one that made the write wait (a lock, a timeout) has had its wait."""
         for attempt in range(attempts):
+            started = time.monotonic()
             try:
                 return self._write()
-            except Exception:
-                if attempt == attempts - 1:
+            except Exception as err:
+                self.error = err
+                if attempt == attempts - 1 or time.monotonic() - started > 5:
                     raise
                 time.sleep(pause_s)
 
@@ -111,7 +115,8 @@ class EpochLog:
         self.jobs.put(None)
         self.thread.join(self.close_timeout_s)
         if self.thread.is_alive() or self.pending:
-            cause = (store_failure(tracking_uri(), self.error) if self.error is not None else
+            waited = f" (no answer within {self.close_timeout_s:.0f} s)" if self.thread.is_alive() else ""
+            cause = (store_failure(tracking_uri(), self.error) + waited if self.error is not None else
                      f"MLflow tracking store {tracking_uri()} did not answer within {self.close_timeout_s:.0f} s")
             raise StoreError(f"could not write the epoch metrics: {cause}")
 

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 OWNER_HOST, OWNER_PID, OWNER_STARTED = "pipeline.owner.host", "pipeline.owner.pid", "pipeline.owner.started"
 FAILURE_TAG = "failure_reason"
-END_WAIT_S = 10  # how long a failing training waits for the store to take the run's end
+END_WAIT_S = 5  # how long a failing training waits for the store to take the run's end
 
 
 class StoreError(PipelineError):

@@ -121,9 +121,9 @@ class SweepCallback(Callback):
                 version = serving.register(model_uri, name, best["run_id"])
                 tags["registered_model"] = f"{name} version {version} (models:/{name}@{serving.ALIAS})"
         client.log_batch(self.parent_id, tags=[RunTag(key, value) for key, value in tags.items()])
-        # Ctrl-C or SIGTERM (here, or in a job, whose run then ended KILLED): KILLED; any other end: FAILED.
-        interrupted = aborted and (self.interrupted or any(r["status"] == "KILLED" for r in rows))
-        client.set_terminated(self.parent_id, "KILLED" if interrupted else
+        # The sweep itself interrupted (Ctrl-C or SIGTERM to this process): KILLED. A job lost on its
+        # own (cancelled by SLURM, its node gone) fails the sweep: FAILED.
+        client.set_terminated(self.parent_id, "KILLED" if aborted and self.interrupted else
                               "FINISHED" if finished and not aborted else "FAILED")
         log.info("sweep summary (MLflow parent run %s):\n%s", self.parent_id,
                  summary_table(children, self.keys, best and best["run_id"], tags))
