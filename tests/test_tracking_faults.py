@@ -318,6 +318,18 @@ def test_without_a_conf_directory_the_stage_says_how_to_run(tmp_path):
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize("where", ["under a file", "in /proc"])
+def test_a_run_directory_that_cannot_be_made_is_an_error_not_a_traceback(tmp_path, where):
+    """Hydra makes the run directory before any of our code runs: its OSError is worded as ours."""
+    (tmp_path / "file").write_text("a file, not a directory")
+    run_dir = {"under a file": tmp_path / "file" / "run", "in /proc": Path("/proc/no-such-dir/run")}[where]
+    done = subprocess.run([sys.executable, "-m", "pipeline.train", f"hydra.run.dir={run_dir}"], cwd=PROJECT_ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.startswith("error: ") and str(run_dir.parent) in done.stderr
+    assert "Traceback" not in done.stderr and 'File "' not in done.stderr
+
+
 # --- messages for a store that cannot work -------------------------------------
 
 def test_a_corrupt_sqlite_file_gets_its_own_hint(tmp_path, monkeypatch):

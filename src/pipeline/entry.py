@@ -21,6 +21,8 @@ from pathlib import Path
 
 import hydra
 import yaml
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.config import CONF_DIR, PROJECT_ROOT, RESOLVED_FILE, effective, validate
 from pipeline.errors import JobError, PipelineError
@@ -55,7 +57,17 @@ def stage(run=None, *, against_resolved=True, record_failed_job=None):
     @functools.wraps(run)
     def launch(*args, **kwargs):
         _at_project_root()
-        return app(*args, **kwargs)
+        # Hydra then raises instead of printing half a traceback and exiting 1 (a run directory it
+        # cannot create, a bad override): we word those like our own errors. Set it yourself to see
+        # Hydra's full tracebacks.
+        tracebacks = "HYDRA_FULL_ERROR" in os.environ
+        os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+        try:
+            return app(*args, **kwargs)
+        except (HydraException, OSError) as err:
+            if tracebacks:
+                raise
+            _exit(2, f"error: {_hydra_error(err)}")
 
     return launch
 
@@ -77,6 +89,14 @@ def _at_project_root():
         print(f"running in the project root {PROJECT_ROOT} (not in {cwd}): relative paths start there",
               file=sys.stderr)
         os.chdir(PROJECT_ROOT)
+
+
+def _hydra_error(err):
+    """What Hydra or the environment refused, as Hydra itself would print it, in one message."""
+    if isinstance(err, HydraException):
+        cause = err.__cause__
+        return f"{err}\n{cause}" if isinstance(cause, OmegaConfBaseException) else str(err)
+    return _os_error(err)
 
 
 def _os_error(err):
