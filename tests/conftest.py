@@ -1,6 +1,8 @@
 """Shared fixtures: composed configs, a small MNIST-shaped fixture in real IDX
 format, and the real MNIST fetched once per test session."""
 
+import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -225,3 +227,58 @@ def dvc_work(dvc_baseline, tmp_path):
     shutil.copytree(dvc_baseline[0], repo, symlinks=True)
     shutil.copytree(dvc_baseline[1], store)
     return repo, dvc_env(store)
+
+
+# --- fault injectors shared by the fault tests --------------------------------
+
+@contextlib.contextmanager
+def tmpfs(where, size="4m"):
+    """A tmpfs of `size` mounted at `where` (the tests run as root), unmounted after; skips
+    the test with the reason when mounting is not permitted."""
+    where.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill (needs root or CAP_SYS_ADMIN): {done.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def fill(disk):
+    """Fill the filesystem until a write fails with ENOSPC."""
+    fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        for chunk in (1 << 16, 1 << 12):
+            try:
+                while os.write(fd, bytes(chunk)):
+                    pass
+            except OSError as err:
+                assert err.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    assert os.statvfs(disk).f_bavail == 0
+
+
+_LOCK_HOLDER = """
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+sys.stdin.readline()
+db.execute("COMMIT")
+"""
+
+
+@contextlib.contextmanager
+def sqlite_locked(db):
+    """Another process holds an exclusive lock on the SQLite file db (MLflow's writes then wait
+    20 s each) until the yielded release() is called or the block ends."""
+    holder = subprocess.Popen([sys.executable, "-c", _LOCK_HOLDER, str(db)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield lambda: (holder.stdin.write("release\n"), holder.stdin.flush(), holder.wait(timeout=30))
+    finally:
+        holder.kill()

@@ -3,7 +3,6 @@ processed arrays and model files checked on load, and a full or read-only
 disk under every writer. Each fault ends in a PipelineError (exit 2 with
 `error: ...` at the command line) naming the file; nothing good is lost."""
 
-import errno
 import gzip
 import json
 import logging
@@ -17,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import prepare, raw_dir
+from conftest import fill, prepare, raw_dir, tmpfs
 from pipeline.config import PROJECT_ROOT, SourceSpec
 from pipeline.data import model_file, sources
 from pipeline.data.files import save_npy, sha256_of, write_text
-from pipeline.data.splits import MANIFEST, load_split, save_splits
+from pipeline.data.splits import MANIFEST, load_split
 from pipeline.errors import PipelineError
 from pipeline.fetch import fetch, work_dir_for
 from pipeline.normalise import normalise
@@ -470,31 +469,8 @@ def test_evaluate_refuses_a_nan_model_at_the_command_line(processed, fixture_ove
 @pytest.fixture
 def small_disk(tmp_path):
     """A 4 MB tmpfs at tmp_path/disk (this machine runs the tests as root)."""
-    where = tmp_path / "disk"
-    where.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(where)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs to fill (needs root or CAP_SYS_ADMIN): {done.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "disk") as where:
         yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
-
-
-def _fill(disk):
-    """Fill the filesystem until a write fails with ENOSPC."""
-    fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT)
-    try:
-        for chunk in (1 << 16, 1 << 12):
-            try:
-                while os.write(fd, bytes(chunk)):
-                    pass
-            except OSError as err:
-                assert err.errno == errno.ENOSPC
-    finally:
-        os.close(fd)
-    assert os.statvfs(disk).f_bavail == 0
 
 
 WRITERS = {  # what: write(path, i) for an i-th version of the file
@@ -511,7 +487,7 @@ def test_a_full_disk_is_a_clean_error_and_keeps_the_previous_file(small_disk, wh
     path = small_disk / "out" / name
     write(path, 1)
     good = path.read_bytes()
-    _fill(small_disk)
+    fill(small_disk)
     with pytest.raises(PipelineError) as info:
         write(path, 2)
     message = str(info.value)
@@ -526,7 +502,7 @@ def test_a_full_disk_keeps_the_previous_set_of_processed_arrays(small_disk, fixt
     fetch(fixture_cfg.data, raw_dir(fixture_cfg))
     normalise(fixture_cfg.data, raw_dir(fixture_cfg), out)  # 2.4 MB of arrays
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    _fill(small_disk)
+    fill(small_disk)
     with pytest.raises(PipelineError, match="is full") as info:
         normalise(fixture_cfg.data, raw_dir(fixture_cfg), out)
     assert str(out / "train_x.npy") in str(info.value)
@@ -534,7 +510,7 @@ def test_a_full_disk_keeps_the_previous_set_of_processed_arrays(small_disk, fixt
 
 
 def test_a_full_disk_during_fetch_names_the_file_and_tries_no_further(small_disk, fixture_cfg):
-    _fill(small_disk)
+    fill(small_disk)
     out = small_disk / "raw" / fixture_cfg.data.name
     with pytest.raises(PipelineError) as info:
         fetch(fixture_cfg.data, out)
@@ -558,7 +534,7 @@ def test_the_normalise_cli_on_a_full_disk_says_error_and_exits_2(small_disk, fix
     fetch(fixture_cfg.data, raw_dir(fixture_cfg))
     out = small_disk / "processed"
     write_text(out / MANIFEST, "{}\n")  # an earlier file of the output, to be kept
-    _fill(small_disk)
+    fill(small_disk)
     done = _cli("pipeline.normalise", [*fixture_overrides, *QUIET, f"hydra.run.dir={out}"])
     line = _assert_clean_exit(done, out)
     assert line.startswith(f"error: cannot write {out}/") and "is full (No space left on device)" in line

@@ -1,13 +1,12 @@
 """Per-epoch metrics reach MLflow in batches (tracking.epoch_log.EpochLog), against a real SQLite store."""
 
 import logging
-import subprocess
-import sys
 import time
 
 import mlflow
 import pytest
 
+from conftest import sqlite_locked
 from pipeline.errors import PipelineError
 from pipeline.tracking.epoch_log import EpochLog
 
@@ -63,34 +62,16 @@ def test_with_no_interval_each_epoch_is_written_at_once(run):
 def test_a_store_locked_by_another_process_never_stalls_the_loop(run, store):
     """A real lock (BEGIN EXCLUSIVE in another process): MLflow's writes then wait 20 s each. The
     loop's calls return at once; the metrics go in when the lock is gone."""
-    db = store[len("sqlite:///"):]
-    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, db], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with sqlite_locked(store[len("sqlite:///"):]) as release:
         with EpochLog(every_s=0) as log_epoch:
             started = time.monotonic()
             for epoch in range(1, 6):
                 log_epoch(epoch, _row(epoch))
                 time.sleep(0.05)  # an epoch's work; the writer thread tries meanwhile
             looped = time.monotonic() - started
-            holder.stdin.write("release\n")
-            holder.stdin.flush()
-            holder.wait(timeout=30)
-        assert looped < 2.0, f"the loop waited {looped:.1f} s on the store"  # a stalled write waits 20 s
-    finally:
-        holder.kill()
+            release()
+    assert looped < 2.0, f"the loop waited {looped:.1f} s on the store"  # a stalled write waits 20 s
     assert [step for step, _ in _steps(run)] == [1, 2, 3, 4, 5]
-
-
-LOCK_HOLDER = """
-import sqlite3, sys
-db = sqlite3.connect(sys.argv[1], isolation_level=None)
-db.execute("BEGIN EXCLUSIVE")
-print("locked", flush=True)
-sys.stdin.readline()
-db.execute("COMMIT")
-"""
 
 
 def test_a_failing_training_still_gets_the_epochs_it_finished(run):

@@ -22,7 +22,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from conftest import copy_checkout, free_port, prepare
+from conftest import copy_checkout, fill, free_port, prepare, sqlite_locked, tmpfs
 from pipeline.config import PROJECT_ROOT
 from pipeline.data import model_file
 from pipeline.errors import PipelineError
@@ -79,27 +79,6 @@ def _assert_loop_never_waited(times, fault_epoch):
 
 # --- the store fails during training -----------------------------------------
 
-LOCK_HOLDER = """
-import sqlite3, sys
-db = sqlite3.connect(sys.argv[1], isolation_level=None)
-db.execute("BEGIN EXCLUSIVE")
-print("locked", flush=True)
-sys.stdin.readline()
-db.execute("COMMIT")
-"""
-
-
-@contextlib.contextmanager
-def _sqlite_locked(db):
-    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(db)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        yield lambda: (holder.stdin.write("release\n"), holder.stdin.flush(), holder.wait(timeout=30))
-    finally:
-        holder.kill()
-
-
 def test_a_store_locked_for_longer_than_the_run_keeps_the_model_and_fails_the_run_later(
         fixture_overrides, fixture_cfg, tmp_path):
     prepare(fixture_cfg)
@@ -109,7 +88,7 @@ def test_a_store_locked_for_longer_than_the_run_keeps_the_model_and_fails_the_ru
 
         def lock_at(epoch):
             if epoch == 2:
-                release.append(stack.enter_context(_sqlite_locked(db)))
+                release.append(stack.enter_context(sqlite_locked(db)))
 
         proc = _train([*fixture_overrides, f"train.epochs={EPOCHS}", NO_IMAGES], out)
         times, output = _epoch_times(proc, lock_at)
@@ -135,7 +114,7 @@ def test_a_store_locked_for_a_moment_costs_the_loop_nothing_and_the_run_is_compl
     with contextlib.ExitStack() as stack:
         def lock_at(epoch):
             if epoch == 2:
-                release = stack.enter_context(_sqlite_locked(db))
+                release = stack.enter_context(sqlite_locked(db))
                 threading.Timer(3, release).start()
 
         proc = _train([*fixture_overrides, f"train.epochs={EPOCHS}"], out)
@@ -148,35 +127,15 @@ def test_a_store_locked_for_a_moment_costs_the_loop_nothing_and_the_run_is_compl
     assert steps == list(range(1, EPOCHS + 1))  # every epoch, none lost to the lock
 
 
-@contextlib.contextmanager
-def _tmpfs(path, size="4m", options=""):
-    path.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}{options}", "tmpfs", str(path)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs to inject the fault (needs root): {mounted.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-def _fill(directory):
-    with open(directory / "filler", "wb") as f, contextlib.suppress(OSError):
-        while True:
-            f.write(b"\0" * (1 << 16))
-            f.flush()
-
-
 def test_a_full_disk_under_the_store_keeps_the_model_and_names_the_disk(fixture_overrides, fixture_cfg, tmp_path,
                                                                          monkeypatch):
     prepare(fixture_cfg)
     out = tmp_path / "out"
-    with _tmpfs(tmp_path / "store", size="64m") as disk:
+    with tmpfs(tmp_path / "store", size="64m") as disk:
         uri = f"sqlite:///{disk / 'mlflow.db'}"
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         proc = _train([*fixture_overrides, f"train.epochs={EPOCHS}", NO_IMAGES], out, env=os.environ.copy())
-        times, output = _epoch_times(proc, lambda epoch: epoch == 2 and _fill(disk))
+        times, output = _epoch_times(proc, lambda epoch: epoch == 2 and fill(disk))
         assert proc.returncode == 2, output[-3000:]
         _assert_loop_never_waited(times, 2)
         _assert_model_is_safe(output, out)
@@ -347,7 +306,7 @@ def test_a_read_only_store_gets_its_own_hint(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'ro' / 'mlflow.db'}")
     store.open_store()  # a good store first
     mlflow.MlflowClient().create_experiment("before")
-    with _tmpfs(tmp_path / "ro", size="64m") as disk:  # the same path, now on a filesystem mounted read-only
+    with tmpfs(tmp_path / "ro", size="64m") as disk:  # the same path, now on a filesystem mounted read-only
         subprocess.run(["cp", "-a", "/dev/null", disk / "x"], check=False)
         subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{disk / 'mlflow.db'}")
