@@ -2,16 +2,19 @@
 composes and validates; the typed hyperparameters and the effective config."""
 
 import json
+import re
 import subprocess
 import sys
 
 import pytest
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from conftest import make_cfg
-from pipeline.config import CONF_DIR, PROJECT_ROOT, effective, hyperparams
+from pipeline.config import (CONF_DIR, DATASET_FILE, PROJECT_ROOT, RESOLVED_FILE, effective, hyperparams,
+                             merge_effective, split_effective)
 from pipeline.core.hparams import Hyperparams
 from pipeline.errors import ConfigError, PipelineError
 
@@ -138,6 +141,52 @@ def test_effective_config_changes_with_results_only():
     assert effective(local) == default
     for override in ("train.lr=0.5", "seed=1", "backend.fast=false", "data.val_size=100", "model=mlp"):
         assert effective(make_cfg(override)) != default, override
+
+
+def _flat(tree, prefix=""):
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree}
+    return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+
+
+@pytest.mark.parametrize("dataset", [option for group, option in GROUP_OPTIONS if group == "data"])
+def test_the_resolved_files_split_the_effective_config_without_loss_or_overlap(dataset):
+    values = effective(make_cfg(f"data={dataset}"))
+    files = split_effective(values)
+    assert list(files) == [RESOLVED_FILE, DATASET_FILE]
+    resolved, dataset_keys = _flat(files[RESOLVED_FILE]), _flat(files[DATASET_FILE])
+    assert not set(resolved) & set(dataset_keys)
+    assert {**resolved, **dataset_keys} == _flat(values)
+    assert set(files[DATASET_FILE]["data"]) == {"files", "class_names"}
+    assert list(files[RESOLVED_FILE])[:2] == ["train", "model"]  # the file reads hyperparameters first
+    assert merge_effective(files) == values
+
+
+@pytest.mark.parametrize("file, key, value", [
+    (RESOLVED_FILE, "train.lr", 0.07),
+    (RESOLVED_FILE, "data.val_size", 7),
+    (DATASET_FILE, "data.files.train_images.sha256", "0" * 64),
+    (DATASET_FILE, "data.class_names", list("abcdefghij")),
+])
+def test_a_stage_refuses_either_resolved_file_when_it_differs_from_conf(tmp_path, monkeypatch, file, key, value):
+    from pipeline import entry
+
+    cfg = make_cfg()
+    files = split_effective(effective(cfg))
+    node = files[file]
+    *parents, last = key.split(".")
+    for part in parents:
+        node = node[part]
+    node[last] = value
+    for name, content in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(yaml.safe_dump(content))
+    monkeypatch.setattr(entry, "PROJECT_ROOT", tmp_path)
+    with pytest.raises(PipelineError, match=rf"{re.escape(key)} \(conf/: .*, file: {re.escape(repr(value))}\)"):
+        entry.check_resolved(cfg)
+    (tmp_path / file).unlink()
+    with pytest.raises(PipelineError, match=rf"{re.escape(str(tmp_path / file))} is missing: run `dvc repro`"):
+        entry.check_resolved(cfg)
 
 
 @pytest.mark.parametrize("override, key", [

@@ -34,8 +34,14 @@ def _project_root():
 
 PROJECT_ROOT = _project_root()
 CONF_DIR = PROJECT_ROOT / "conf"
-# Written by the resolve stage, read by DVC as the params file of every later stage.
+# Written by the resolve stage, read by DVC as the params files of every later stage:
+# the effective config, less the dataset's identity (its files and class names),
+# which has a file of its own. `dvc exp show` lists params file by file, each in
+# the order the stages list them; the 13 dataset columns then come after the
+# hyperparameters instead of before them, and lr and test accuracy fit 150 columns.
 RESOLVED_FILE = Path("params") / "resolved.yaml"
+DATASET_FILE = Path("params") / "dataset.yaml"
+DATASET_KEYS = ("files", "class_names")  # of data
 # Settings that never change a result: left out of the resolved file, so
 # changing them reruns nothing (a mirror, a path, the tracking experiment).
 LOCAL_KEYS = {"data": ("sources", "timeout_s"), "export": ("log_every_epochs",),
@@ -217,6 +223,23 @@ def effective(cfg: DictConfig) -> dict:
         node = values[group] if group else values
         for key in keys:
             node.pop(key, None)
-    # Hyperparameters first: `dvc exp show` and `dvc params diff` list them in this order.
+    # Hyperparameters first: the resolved file reads in this order.
     first = [key for key in ("train", "model", "seed", "backend") if key in values]
     return {key: values[key] for key in first + [k for k in values if k not in first]}
+
+
+def split_effective(values: dict) -> dict:
+    """{params file: its content} for the effective config `values`: the resolve stage's
+    two files (see RESOLVED_FILE)."""
+    data = values["data"]
+    dataset = {"data": {key: data[key] for key in DATASET_KEYS}}
+    rest = {group: ({k: v for k, v in data.items() if k not in DATASET_KEYS} if group == "data" else node)
+            for group, node in values.items()}
+    return {RESOLVED_FILE: rest, DATASET_FILE: dataset}
+
+
+def merge_effective(files: dict) -> dict:
+    """The effective config back from split_effective's {params file: content}."""
+    values = dict(files[RESOLVED_FILE])
+    values["data"] = {**values["data"], **files[DATASET_FILE]["data"]}
+    return values

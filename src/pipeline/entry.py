@@ -24,7 +24,7 @@ import yaml
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline.config import CONF_DIR, PROJECT_ROOT, RESOLVED_FILE, effective, validate
+from pipeline.config import CONF_DIR, DATASET_FILE, PROJECT_ROOT, RESOLVED_FILE, effective, merge_effective, validate
 from pipeline.errors import JobError, PipelineError
 
 
@@ -124,13 +124,21 @@ def _job_failed(cfg, err, record_failed_job):
 def check_resolved(cfg):
     """Refuse to run when conf/ composes to something else than the resolved file
     DVC tracked, e.g. after `dvc repro -s train` following an edit of conf/."""
-    path = PROJECT_ROOT / RESOLVED_FILE
-    if not path.is_file():
-        raise PipelineError(f"{path} is missing: run `dvc repro`, whose first stage (resolve) writes it")
+    files = {}
+    for file in (RESOLVED_FILE, DATASET_FILE):
+        path = PROJECT_ROOT / file
+        if not path.is_file():
+            raise PipelineError(f"{path} is missing: run `dvc repro`, whose first stage (resolve) writes it")
+        try:
+            files[file] = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise PipelineError(f"{path} is not YAML ({err}): run `dvc repro`, whose resolve stage rewrites it") \
+                from err
     try:
-        written = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise PipelineError(f"{path} is not YAML ({err}): run `dvc repro`, whose resolve stage rewrites it") from err
+        written = merge_effective(files)
+    except (KeyError, TypeError, AttributeError) as err:
+        raise PipelineError(f"{RESOLVED_FILE} and {DATASET_FILE} do not hold a config (no {err}): run `dvc repro`, "
+                            "whose resolve stage rewrites them") from err
     composed = effective(cfg)
     if written != composed:
         keys = sorted(k for k in set(_flat(written)) | set(_flat(composed))
@@ -138,8 +146,8 @@ def check_resolved(cfg):
         shown = ", ".join(f"{k} (conf/: {_flat(composed).get(k)!r}, file: {_flat(written).get(k)!r})"
                           for k in keys[:5])
         raise PipelineError(
-            f"conf/ has changed since {RESOLVED_FILE} was written: {shown}"
-            f"{' ...' if len(keys) > 5 else ''}. Run `dvc repro` (its resolve stage rewrites the file "
+            f"conf/ has changed since {RESOLVED_FILE} and {DATASET_FILE} were written: {shown}"
+            f"{' ...' if len(keys) > 5 else ''}. Run `dvc repro` (its resolve stage rewrites the files "
             "first), not a single stage with -s."
         )
 

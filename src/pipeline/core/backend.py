@@ -7,7 +7,7 @@ NumPy; data is copied to the device once, before training.
 
 Backend numba is NumPy whose trainer runs softmax regression in compiled loops
 (pipeline.core.compiled); everything else on it is the NumPy code. `auto` takes
-the fastest that is there: CuPy on a visible GPU, else numba, else NumPy.
+numba, else NumPy; CuPy only when asked for (see select).
 """
 
 import logging
@@ -78,7 +78,7 @@ def _numba(required):
 def _cupy(required):
     """CuPy on the current GPU; if there is none: an error when required, else None."""
     try:
-        import cupy  # the only import of cupy in the project
+        import cupy  # here and in core/fused_gpu.py, which only backend cupy reaches
     except ImportError as err:
         if not required:
             return None

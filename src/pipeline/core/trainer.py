@@ -3,8 +3,9 @@
 Each epoch: a fresh shuffle from the host RNG, one SGD step per minibatch, then
 loss and accuracy on the training set as it trained (each image scored by the
 logits of its own step, the usual running figure) and on the validation set.
-Two implementations of the epoch share this loop: the array-API code (any
-backend) and, on backend numba, the compiled loops of pipeline.core.compiled.
+Three implementations of the epoch share this loop: the array-API code (any
+backend), on backend numba the compiled loops of pipeline.core.compiled, and
+on backend cupy the fused kernels of pipeline.core.fused_gpu.
 """
 
 import logging
@@ -32,12 +33,20 @@ def fit(be, hp: Hyperparams, rng, layers, train_xy, val_xy, num_classes, fast=Tr
     fast: take the speed paths where they apply: the 8-bit pixel-code path
     (pipeline.core.codes), and on backend numba the compiled loops of softmax
     regression (pipeline.core.compiled, any batch size) when the images are 8-bit
-    pixels; everything else runs the array-API code below (on NumPy for numba).
+    pixels, and on backend cupy the same in fused kernels, one launch per epoch
+    (pipeline.core.fused_gpu, not yet run on a GPU); everything else runs the
+    array-API code below (on NumPy for numba).
     progress: a progress bar over the epochs on stderr, with the last epoch's
     figures, instead of a log line per epoch (those then go to DEBUG); None:
     when stderr is a terminal, so CI and DVC logs keep the plain lines."""
     # fast=false is the lecture's plain code everywhere, the compiled loops included.
-    epochs = _compiled_epochs(hp, layers, train_xy, val_xy, num_classes) if be.name == "numba" and fast else None
+    epochs = None
+    if fast and be.name == "numba":
+        epochs = _compiled_epochs(hp, layers, train_xy, val_xy, num_classes)
+    elif fast and be.name == "cupy":
+        from pipeline.core import fused_gpu  # only backend cupy loads the fused kernels
+
+        epochs = fused_gpu.epochs(hp, layers, train_xy, val_xy, num_classes)
     if epochs is None:
         epochs = _array_api_epochs(be, hp, layers, train_xy, val_xy, num_classes, fast)
     n = len(train_xy[1])
