@@ -89,6 +89,21 @@ def test_a_batch_over_several_chunks_equals_numpy():
     _close(b, b_np)
 
 
+@pytest.mark.gpu
+def test_fit_on_backend_cupy_trains_softmax_regression_on_the_fused_path(monkeypatch):
+    _cupy_or_skip()
+    from pipeline.core import backend, trainer
+
+    taken, real = [], fused_gpu.epochs
+    monkeypatch.setattr(fused_gpu, "epochs", lambda *args: taken.append(real(*args)) or taken[-1])
+    be = backend.select("cupy")
+    rng = np.random.default_rng(0)
+    layers = [(be.to_device(W), be.to_device(b)) for W, b in model.init_params(rng, [784, 10])]
+    history = trainer.fit(be, CASES["batch-16"], rng, layers, TRAIN, VAL, 10, progress=False)
+    assert len(taken) == 1 and taken[0] is not None  # the fused epoch, not the array-API one
+    assert history[-1]["val/accuracy"] > 0.8
+
+
 # Without a GPU: where the path does not apply, epochs() says so before it imports CuPy.
 
 def test_the_mlp_is_not_for_the_fused_path():
