@@ -184,6 +184,9 @@ def test_a_stage_refuses_either_resolved_file_when_it_differs_from_conf(tmp_path
     monkeypatch.setattr(entry, "PROJECT_ROOT", tmp_path)
     with pytest.raises(PipelineError, match=rf"{re.escape(key)} \(conf/: .*, file: {re.escape(repr(value))}\)"):
         entry.check_resolved(cfg)
+    (tmp_path / file).write_text("")  # a file emptied by hand: no config in it
+    with pytest.raises(PipelineError, match=r"do not hold a config .*: run `dvc repro`"):
+        entry.check_resolved(cfg)
     (tmp_path / file).unlink()
     with pytest.raises(PipelineError, match=rf"{re.escape(str(tmp_path / file))} is missing: run `dvc repro`"):
         entry.check_resolved(cfg)

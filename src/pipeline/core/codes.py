@@ -45,6 +45,17 @@ def pixel_codes(images, chunk=2048):
     return codes
 
 
+def pixel_codes_of_splits(*splits):
+    """[pixel_codes of each split's images], or None as soon as one is not 8-bit pixels:
+    the compiled and fused paths train on codes, both splits or neither."""
+    found = []
+    for images in splits:
+        if (split_codes := pixel_codes(images)) is None:
+            return None
+        found.append(split_codes)
+    return found
+
+
 def gradients(xp, layers, codes, onehot):
     """model.gradients of softmax regression for the images codes / PIXEL_MAX,
     computed from the uint8 codes (n, 784) of a minibatch."""

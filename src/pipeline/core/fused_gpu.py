@@ -333,11 +333,11 @@ def epochs(hp, layers, train_xy, val_xy, num_classes):
     path does not apply (the MLP, or images that are not 8-bit pixels k / 255)."""
     if not applies(layers, num_classes):
         return None
-    train_codes = codes.pixel_codes(train_xy[0])
-    val_codes = None if train_codes is None else codes.pixel_codes(val_xy[0])
-    if val_codes is None:
+    found = codes.pixel_codes_of_splits(train_xy[0], val_xy[0])
+    if found is None:
         log.info("backend cupy: the images are not 8-bit pixels; training on the array-API path")
         return None
+    train_codes, val_codes = found
     import cupy  # after the checks above (which need no GPU): only backend cupy gets here
     ((W, b),) = layers
     if not (W.dtype == b.dtype == np.float32 and W.flags.c_contiguous and b.flags.c_contiguous):

@@ -121,11 +121,11 @@ def _compiled_epochs(hp, layers, train_xy, val_xy, num_classes):
 
     if not compiled.applies(layers, num_classes):
         return None
-    train_codes = codes.pixel_codes(train_xy[0])
-    val_codes = None if train_codes is None else codes.pixel_codes(val_xy[0])
-    if val_codes is None:
+    found = codes.pixel_codes_of_splits(train_xy[0], val_xy[0])
+    if found is None:
         log.info("backend numba: the images are not 8-bit pixels; training on the array-API path (NumPy)")
         return None
+    train_codes, val_codes = found
     ((W, b),) = layers
     images, val_images = compiled.Images(train_codes), compiled.Images(val_codes)
     labels, val_labels = (np.asarray(y, dtype=np.int64) for y in (train_xy[1], val_xy[1]))
